@@ -1,0 +1,70 @@
+"""Terminal output of the CLI: error lines, warnings, tables, shared options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    """One red line on stderr: ``error: <message>``."""
+    _console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True)
+
+
+def warn_line(message: str) -> None:
+    """One yellow line on stderr."""
+    _console(stderr=True).print(f"[yellow]warning:[/] {message}", markup=True)
+
+
+def info_line(message: str) -> None:
+    """A plain line on stdout."""
+    _console().print(message, markup=False)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A readable table on stdout (floats with 3 decimals, None as '-')."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[_fmt(v) for v in row])
+    _console().print(table)
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "-" if v != v else f"{v:.3f}"
+    return str(v)
+
+
+def add_runtime_options(p: argparse.ArgumentParser, out: bool = True) -> None:
+    """``--device``, ``--seed``, ``--progress`` and optionally ``--out`` / ``--overwrite``."""
+    p.add_argument("--device", default="auto",
+                   help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N' (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for splits, training and bootstrap (default: 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show progress bars (default: when stderr is a terminal)")
+    if out:
+        p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="allow a non-empty --out; its files are replaced atomically")
+
+
+def setup_progress(args: argparse.Namespace) -> None:
+    """Turn library progress bars on when asked, or when stderr is a terminal."""
+    from .. import progress
+
+    want = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
+    progress.enable(bool(want))

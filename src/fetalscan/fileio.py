@@ -1,0 +1,149 @@
+"""Safe output: atomic file writes, output-folder checks and provenance.
+
+Every file fetalscan writes goes to a temporary file in the same folder first and
+is then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so
+an interrupted or failed run never leaves a half-written or overwritten file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import OutputError
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean_nan(obj: Any) -> Any:
+    """Replace NaN/inf by None so the JSON is standard (``null``), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_nan(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any) -> str:
+    """Serialise to standard JSON (NaN -> null, numpy -> lists), indented."""
+    obj = json.loads(json.dumps(obj, default=_json_default))
+    return json.dumps(_clean_nan(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON atomically."""
+    return write_text(path, to_json(obj))
+
+
+def write_csv(path: str | Path, frame: Any) -> Path:
+    """Write a pandas DataFrame as CSV atomically (no index column)."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        frame.to_csv(fh, index=False, lineterminator="\n")
+    return Path(path)
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Make sure ``out`` can receive a run's files.
+
+    A missing folder is created. An existing non-empty folder is refused unless
+    ``overwrite`` is true; with ``overwrite`` its files are replaced one by one
+    (atomically) as the run writes them, nothing is deleted up front.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(
+            f"--out {out} is not empty; choose another folder or pass --overwrite "
+            "to replace its files"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that change results."""
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("fetalscan", "torch", "torchvision", "timm", "numpy", "scikit-learn",
+                 "pandas", "pillow", "pydicom", "opencv-python-headless"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def provenance(seed: int | None = None, data_hash: str | None = None, **extra: Any) -> dict:
+    """The provenance block written into every output: when, what, with which versions."""
+    block: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "seed": seed,
+        "data_hash": data_hash,
+        "versions": package_versions(),
+    }
+    block.update(extra)
+    return block

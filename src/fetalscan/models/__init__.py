@@ -1,0 +1,31 @@
+"""Backbones (timm + SonoNet-16), the model factory, heads and checkpoints."""
+
+from .registry import (
+    BackboneSpec,
+    Preprocessing,
+    build_head,
+    create_model,
+    embedding_dim,
+    get_backbone_spec,
+    get_head,
+    get_module,
+    list_backbones,
+    load_imagenet_backbone,
+    register_backbone,
+    set_head,
+)
+
+__all__ = [
+    "BackboneSpec",
+    "Preprocessing",
+    "build_head",
+    "create_model",
+    "embedding_dim",
+    "get_backbone_spec",
+    "get_head",
+    "get_module",
+    "list_backbones",
+    "load_imagenet_backbone",
+    "register_backbone",
+    "set_head",
+]
