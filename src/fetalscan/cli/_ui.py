@@ -11,7 +11,11 @@ from pathlib import Path
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    import shutil
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else max(120, shutil.get_terminal_size((120, 24)).columns)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def error_line(message: str) -> None:

@@ -1,0 +1,168 @@
+"""One-file model checkpoints: weights, architecture, classes, preprocessing,
+training configuration, calibration and provenance.
+
+The file is a plain ``torch.save`` dict of tensors, strings, numbers, lists and
+dicts (no pickled classes), so it loads with ``torch.load(weights_only=True)``.
+It is written atomically (temporary file, then rename).
+
+Layout (``format_version`` 1)::
+
+    format            "fetalscan-classifier"
+    format_version    1
+    fetalscan_version "0.1.0"
+    architecture      {backbone, num_classes, mode, head, head_hidden, drop_rate}
+    classes           ["class_a", ...]              # output order of the model
+    class_map         {original label: model class}  # after --rare-classes merge
+    preprocessing     Preprocessing.to_dict()
+    training          {config: TrainConfig.to_dict(), fit: FitResult.to_dict(), split: {...}}
+    calibration       {"temperature": 1.0, ...}       # fitted on inner validation only
+    provenance        {created, command, seed, data_hash, versions}
+    state_dict        {name: tensor}
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, FetalscanError
+from .fileio import write_bytes
+from .models import Preprocessing
+
+FORMAT = "fetalscan-classifier"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and everything the checkpoint says about it."""
+
+    model: nn.Module
+    classes: list[str]
+    preprocessing: Preprocessing
+    architecture: dict
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def temperature(self) -> float:
+        """Temperature of the saved calibration (1.0 = none)."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def class_map(self) -> dict[str, str]:
+        return dict(self.meta.get("class_map") or {})
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    classes: list[str],
+    architecture: dict,
+    preprocessing: Preprocessing,
+    training: dict | None = None,
+    provenance: dict | None = None,
+    class_map: dict[str, str] | None = None,
+    calibration: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically; returns its path."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    blob = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fetalscan_version": __version__,
+        "architecture": dict(architecture),
+        "classes": list(classes),
+        "class_map": dict(class_map or {}),
+        "preprocessing": preprocessing.to_dict(),
+        "training": training or {},
+        "calibration": calibration or {"temperature": 1.0},
+        "provenance": provenance or {},
+        "state_dict": state,
+    }
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    return write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Read and validate the checkpoint dict without building the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): {exc}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a fetalscan classifier checkpoint (field 'format' is "
+            f"{blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r})"
+        )
+    version = blob.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version} "
+            f"({'made by a newer' if newer else 'from an older'} fetalscan "
+            f"{blob.get('fetalscan_version', '?')}); this fetalscan {__version__} reads "
+            f"format_version {FORMAT_VERSION}. "
+            + ("Upgrade fetalscan." if newer else "Retrain the model with this version.")
+        )
+    for key in ("architecture", "classes", "preprocessing", "state_dict"):
+        if key not in blob:
+            raise CheckpointError(f"{path}: checkpoint lacks the field {key!r}")
+    return blob
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model of a checkpoint and load its weights (strict)."""
+    from .train import TrainConfig, new_model
+
+    blob = read_checkpoint(path)
+    arch = blob["architecture"]
+    classes = list(blob["classes"])
+    try:
+        cfg = TrainConfig(
+            backbone=arch["backbone"], pretrained="none", mode=arch["mode"],
+            head=arch["head"], head_hidden=int(arch["head_hidden"]),
+            drop_rate=float(arch["drop_rate"]),
+        )
+        if int(arch["num_classes"]) != len(classes):
+            raise CheckpointError(
+                f"{path}: architecture says {arch['num_classes']} classes but the class list has {len(classes)}"
+            )
+        model = new_model(cfg, len(classes))
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: architecture block lacks field {exc}") from None
+    except CheckpointError:
+        raise
+    except FetalscanError as exc:
+        raise CheckpointError(f"{path}: architecture {arch} cannot be built here: {exc}") from exc
+    try:
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not match the architecture {arch.get('backbone')!r} "
+            f"({str(exc).splitlines()[0]})"
+        ) from exc
+    model.eval().to(device)
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return LoadedModel(model, classes, Preprocessing.from_dict(blob["preprocessing"]), dict(arch), meta)
+
+
+def architecture_of(cfg, n_classes: int) -> dict:
+    """The ``architecture`` block for a :class:`~fetalscan.train.TrainConfig`."""
+    return {
+        "backbone": cfg.backbone,
+        "num_classes": n_classes,
+        "mode": cfg.mode,
+        "head": cfg.head,
+        "head_hidden": cfg.head_hidden,
+        "drop_rate": cfg.drop_rate,
+    }

@@ -1,0 +1,240 @@
+"""``fetalscan cv | train | predict | demo`` — the core pipeline commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ._ui import add_runtime_options, info_line, print_table, setup_progress, warn_line
+
+# help for each TrainConfig / CVConfig field; flags are generated 1:1 from the dataclasses
+_HELP = {
+    "backbone": "network: sononet16, resnet34, densenet169, efficientnet_b0, mobilenetv3_large_100",
+    "pretrained": "initial weights: sononet (bundled, sononet16), imagenet (timm download/cache), none, or a file",
+    "mode": "cached = frozen backbone, embeddings computed once, head trained per fold (fast); "
+            "finetune = train every weight (the published way, slow on CPU)",
+    "head": "classification head: linear or mlp",
+    "head_hidden": "hidden units of the mlp head",
+    "drop_rate": "dropout before the head",
+    "epochs": "maximum fine-tuning epochs (early stopping on the inner split)",
+    "batch_size": "mini-batch size",
+    "lr": "fine-tuning learning rate (AdamW, cosine schedule)",
+    "weight_decay": "fine-tuning AdamW weight decay",
+    "patience": "fine-tuning: epochs without inner-validation improvement before stopping",
+    "augment": "ultrasound augmentation while fine-tuning",
+    "head_epochs": "maximum epochs of the cached-feature head",
+    "head_lr": "learning rate of the cached-feature head",
+    "head_weight_decay": "weight decay of the cached-feature head",
+    "head_patience": "cached head: epochs without inner-validation improvement before stopping",
+    "val_fraction": "share of each class's training groups held out as the inner validation split",
+    "class_weighting": "class-weighted cross-entropy (balanced weights)",
+    "amp": "mixed precision on CUDA (ignored on CPU)",
+    "scheme": "cross-validation: kfold (stratified group k-fold) or logo (leave one group out)",
+    "folds": "number of folds for kfold",
+    "rare_classes": "classes with fewer groups than the split needs: merge (pool into one class), "
+                    "drop, or error",
+    "merged_name": "name of the pooled class for --rare-classes merge",
+    "near_duplicates": "near-duplicate images (perceptual hash) in different groups: error "
+                       "(refuse to train) or merge (pool their groups)",
+    "phash_threshold": "Hamming distance of the 64-bit pHash at or below which images are near-duplicates",
+    "aggregate": "patient-level rule: mean, vote or max_abnormal",
+    "normal_class": "name of the normal class (used by max_abnormal)",
+}
+_SKIP = {"seed", "device"}  # provided by add_runtime_options
+_RENAME = {"scheme": "cv"}
+
+
+def _add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
+    group = p.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + _RENAME.get(f.name, f.name).replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{_HELP.get(f.name, '')} (default: {default})")
+        else:
+            group.add_argument(flag, dest=f.name, type=type(default), default=default,
+                               help=f"{_HELP.get(f.name, '')} (default: {default})")
+
+
+def _config(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def _add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", type=Path, required=required,
+                   help="manifest CSV (path,label,group[,ga_weeks,center,device,view]), folder-per-class "
+                        "tree, or (predict) an image / DICOM / video / folder")
+    p.add_argument("--group-regex", default=None,
+                   help="regex whose first group names the patient group, matched on the path relative "
+                        "to a folder tree (default: file stem; DICOM: StudyInstanceUID)")
+    p.add_argument("--classes", default=None,
+                   help="explicit comma-separated class order (default: sorted label names)")
+    p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..pipeline import CVConfig
+    from ..train import TrainConfig
+
+    p = sub.add_parser("cv", help="grouped cross-validation -> out-of-fold predictions and metrics",
+                       description="Leak-free grouped cross-validation: stratified group k-fold or "
+                       "leave-one-group-out, inner validation split for early stopping, leakage audit, "
+                       "out-of-fold image- and patient-level predictions and metrics.")
+    _add_data_options(p)
+    _add_dataclass_options(p, TrainConfig)
+    _add_dataclass_options(p, CVConfig)
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("train", help="train the final model on all data -> DIR/model.pt",
+                       description="Train one model on all data (inner split for early stopping); "
+                       "the class policy matches `cv` with the same --folds / --cv.")
+    _add_data_options(p)
+    _add_dataclass_options(p, TrainConfig)
+    _add_dataclass_options(p, CVConfig)
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="apply a model to images / folders / manifests / DICOM / video",
+                       description="Write predictions.csv and patients.csv for new data with a "
+                       "trained model.pt (label left empty where unknown).")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint written by `fetalscan train`")
+    _add_data_options(p)
+    p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal")
+    p.add_argument("--normal-class", default="normal", help="normal class (for max_abnormal)")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="run cv + final model on the embedded real sample -> runs/demo",
+                       description="Grouped 5-fold CV and a final model with SonoNet-16 features on the "
+                       "small real fetal-brain sample shipped in examples/ (works offline).")
+    p.add_argument("--data", type=Path, default=None, help="manifest to use instead of the embedded sample")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    p.set_defaults(func=cmd_demo)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _load(args: argparse.Namespace, require_labels: bool = True):
+    from ..data import load_dataset
+
+    classes = [c.strip() for c in args.classes.split(",")] if getattr(args, "classes", None) else None
+    return load_dataset(args.data, require_labels=require_labels, group_regex=args.group_regex,
+                        classes=classes, every_nth=args.every_nth)
+
+
+def _configs(args: argparse.Namespace):
+    from ..pipeline import CVConfig
+    from ..train import TrainConfig
+
+    cfg = _config(TrainConfig, args)
+    cfg.seed, cfg.device = args.seed, args.device
+    return cfg, _config(CVConfig, args)
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from ..pipeline import run_cv
+
+    setup_progress(args)
+    dataset = _load(args)
+    cfg, cv = _configs(args)
+    metrics = run_cv(dataset, cfg, cv, args.out, overwrite=args.overwrite)
+    _print_summary(metrics)
+    info_line(f"wrote {args.out}/ (predictions.csv, patients.csv, metrics.json, audit.json)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..pipeline import run_train
+
+    setup_progress(args)
+    dataset = _load(args)
+    cfg, cv = _configs(args)
+    summary = run_train(dataset, cfg, cv, args.out, overwrite=args.overwrite)
+    for note in summary["notes"]:
+        warn_line(note)
+    info_line(f"model: {summary['model']} (classes: {', '.join(summary['classes'])}; best epoch "
+              f"{summary['best_epoch']} of {summary['epochs_run']} on the inner validation split)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..fileio import prepare_out_dir
+    from ..predict import labels_for_model, predict_dataset, predictions_frame, write_prediction_files
+    from ..runtime import resolve_device
+
+    setup_progress(args)
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.model, device)
+    dataset = _load(args, require_labels=False)
+    dataset, unknown = labels_for_model(dataset, loaded.classes, loaded.class_map)
+    if unknown:
+        warn_line(f"label(s) {sorted(unknown)} are not classes of the model; left empty in 'label' "
+                  "(kept in 'label_original')")
+    out = prepare_out_dir(args.out, args.overwrite)
+    probs = predict_dataset(loaded, dataset, device, args.batch_size)
+    df = predictions_frame(dataset.records, probs, loaded.classes)
+    write_prediction_files(out, df, loaded.classes, args.aggregate, args.normal_class)
+    info_line(f"{len(df)} images, {df['group'].nunique()} groups -> {out}/predictions.csv, {out}/patients.csv")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..data import load_dataset
+    from ..pipeline import CVConfig, run_cv, run_train
+    from ..train import TrainConfig
+
+    setup_progress(args)
+    manifest = args.data or _embedded_manifest()
+    info_line(f"fetalscan demo: 5-fold grouped CV + final model on {manifest}")
+    dataset = load_dataset(manifest)
+    cfg = TrainConfig(seed=args.seed, device=args.device)
+    cv = CVConfig()
+    metrics = run_cv(dataset, cfg, cv, args.out, overwrite=True)
+    _print_summary(metrics)
+    run_train(load_dataset(manifest), cfg, cv, args.out, overwrite=True)
+    info_line(f"wrote {args.out}/: metrics.json, predictions.csv, patients.csv, audit.json, model.pt")
+    info_line("Caveat: in this sample every normal comes from a different source than the anomalies, "
+              "so normal-vs-abnormal separation may reflect image source, not anatomy (see README).")
+    return 0
+
+
+def _embedded_manifest() -> Path:
+    from ..errors import DataError
+
+    here = Path(__file__).resolve()
+    for root in (here.parents[3], Path.cwd()):
+        cand = root / "examples" / "fetal_brain_sample" / "manifest.csv"
+        if cand.is_file():
+            return cand
+    raise DataError("the embedded sample examples/fetal_brain_sample/manifest.csv was not found; "
+                    "run from the repository root or pass --data")
+
+
+def _print_summary(metrics: dict) -> None:
+    for note in metrics["task"]["notes"]:
+        warn_line(note)
+    img, pat = metrics["image_level"], metrics["patient_level"]
+    rows = [
+        ["accuracy", img["accuracy"], pat["accuracy"]],
+        ["balanced accuracy", img["balanced_accuracy"], pat["balanced_accuracy"]],
+        ["macro AUROC", img["macro_auroc"], pat["macro_auroc"]],
+        ["n", img["n"], pat["n"]],
+    ]
+    print_table(f"Out-of-fold results ({metrics['cv']['scheme']}, {metrics['cv']['n_folds_run']} folds; "
+                f"patient level = {metrics['cv']['aggregate']})", ["metric", "image level", "patient level"], rows)
+    per = [[c, img["per_class"][c]["n"], img["per_class"][c]["sensitivity"], img["per_class"][c]["specificity"],
+            img["per_class"][c]["auroc"], pat["per_class"][c]["n"], pat["per_class"][c]["sensitivity"],
+            pat["per_class"][c]["specificity"]] for c in metrics["task"]["classes"]]
+    print_table("Per class", ["class", "images", "sensitivity", "specificity", "AUROC",
+                              "patients", "pt sensitivity", "pt specificity"], per)

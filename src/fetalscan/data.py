@@ -1,0 +1,564 @@
+"""Datasets: manifest CSV, folder-per-class tree, DICOM and video -> :class:`Record` lists.
+
+Sources
+-------
+- **Manifest CSV** with required columns ``path,label,group`` and optional
+  ``ga_weeks,center,device,view`` (``pixel_spacing_mm`` too); paths are relative
+  to the CSV. A row may point to an image, a DICOM file or a video; multi-frame
+  files expand into one record per (every N-th) frame, all in the row's group.
+- **Folder tree** ``ROOT/<class>/<file>``: the class is the sub-folder name; the
+  group is the file stem, or the first capture group of ``--group-regex``
+  matched against the path relative to ROOT. DICOM files default to their
+  StudyInstanceUID as group, videos to their stem.
+- **A single file or a flat folder** (prediction only): unlabelled records.
+
+Every image handed on is RGB ``uint8`` ``(H, W, 3)``; grey-scale pictures are
+replicated to three channels so that ImageNet backbones and SonoNet (which
+averages the channels back to grey) see the same pixels.
+
+The class order is explicit: sorted label names unless the caller passes
+``classes``; it is saved in every checkpoint and every output file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, ImageReadError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("path", "label", "group")
+OPTIONAL_COLUMNS = ("ga_weeks", "center", "device", "view", "pixel_spacing_mm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: a file (and frame, for DICOM cine / video) with its label and group."""
+
+    path: Path
+    label: str | None
+    group: str
+    name: str  # how outputs name the image: manifest path as written, or path relative to the root
+    frame: int | None = None
+    ga_weeks: float | None = None
+    center: str | None = None
+    device: str | None = None
+    view: str | None = None
+    pixel_spacing_mm: float | None = None
+    source_row: int | None = None  # 1-based line in the manifest (header = line 1)
+    label_original: str | None = None  # before --rare-classes merge
+
+    @property
+    def image_id(self) -> str:
+        """Unique name of the image in outputs: ``name`` or ``name#frame``."""
+        return self.name if self.frame is None else f"{self.name}#{self.frame}"
+
+    def where(self) -> str:
+        """Human description for error messages: file, frame, manifest row."""
+        s = str(self.path)
+        if self.frame is not None:
+            s += f" (frame {self.frame})"
+        if self.source_row is not None:
+            s += f" [manifest line {self.source_row}]"
+        return s
+
+
+@dataclass
+class Dataset:
+    """Records plus the explicit class order."""
+
+    records: list[Record]
+    classes: list[str]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.label or "" for r in self.records]
+
+    @property
+    def groups(self) -> list[str]:
+        return [r.group for r in self.records]
+
+    @property
+    def y(self) -> np.ndarray:
+        """Class indices of the records (requires every record labelled)."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[r.label] for r in self.records if r.label is not None], dtype=np.int64)
+
+    @property
+    def is_labelled(self) -> bool:
+        return all(r.label for r in self.records)
+
+    def subset(self, keep: Sequence[int]) -> Dataset:
+        """A dataset with only the records at ``keep`` (same classes)."""
+        return Dataset([self.records[i] for i in keep], list(self.classes), self.source, list(self.notes))
+
+    def data_hash(self) -> str:
+        """SHA-256 over (name, frame, label, group, file bytes hash) of every record."""
+        h = hashlib.sha256()
+        file_hash: dict[Path, str] = {}
+        for r in self.records:
+            if r.path not in file_hash:
+                file_hash[r.path] = _quick_file_hash(r.path)
+            h.update(f"{r.image_id}\t{r.label}\t{r.group}\t{file_hash[r.path]}\n".encode())
+        return h.hexdigest()
+
+    def summary(self) -> dict:
+        """Counts of images and groups per class."""
+        imgs: dict[str, int] = defaultdict(int)
+        grps: dict[str, set[str]] = defaultdict(set)
+        for r in self.records:
+            imgs[r.label or ""] += 1
+            grps[r.label or ""].add(r.group)
+        return {
+            "n_images": len(self.records),
+            "n_groups": len({r.group for r in self.records}),
+            "classes": list(self.classes),
+            "per_class": {c: {"images": imgs.get(c, 0), "groups": len(grps.get(c, ()))} for c in self.classes},
+        }
+
+
+def _quick_file_hash(path: Path) -> str:
+    from .fileio import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+# --------------------------------------------------------------------------- media kinds
+
+
+def media_kind(path: Path) -> str:
+    """``"image"``, ``"dicom"`` or ``"video"`` (by extension, DICOM also by its magic bytes)."""
+    ext = path.suffix.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in DICOM_EXTENSIONS:
+        return "dicom"
+    from . import dicom, video
+
+    if video.is_video(path):
+        return "video"
+    if path.is_file() and dicom.is_dicom(path):
+        return "dicom"
+    return "unknown"
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read a still image file as RGB uint8 ``(H, W, 3)``; fully decoded or an error.
+
+    16-bit grey images are scaled by their maximum to 0-255; alpha is dropped;
+    palette and CMYK images are converted. A truncated or corrupt file raises
+    :class:`ImageReadError` naming it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # force the full decode: truncated files fail here
+            return _pil_to_rgb(im)
+    except FileNotFoundError:
+        raise ImageReadError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"unreadable or corrupt image {path}: {exc}") from exc
+
+
+def _pil_to_rgb(im) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max() if arr.size and arr.max() > 0 else 1.0
+        arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if im.mode == "L":
+        arr = np.asarray(im, dtype=np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(index, RGB image)`` for each record, decoding each multi-frame file once.
+
+    Records of the same DICOM / video file are read together, in file order, and
+    yielded in the order of ``records`` within that file.
+    """
+    by_file: dict[Path, list[int]] = defaultdict(list)
+    order: list[Path] = []
+    for i, r in enumerate(records):
+        if r.path not in by_file:
+            order.append(r.path)
+        by_file[r.path].append(i)
+    for path in order:
+        idx = by_file[path]
+        frames = [records[i].frame for i in idx]
+        if frames[0] is None:
+            image = read_image(path)
+            for i in idx:
+                yield i, image
+            continue
+        from . import dicom, video
+
+        kind = media_kind(path)
+        reader = dicom.read_dicom_frames if kind == "dicom" else video.read_video_frames
+        for i, image in zip(idx, reader(path, [int(f) for f in frames])):
+            yield i, image
+
+
+def read_record_image(record: Record) -> np.ndarray:
+    """The RGB image of one record."""
+    return next(iter_record_images([record]))[1]
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def expand_file(
+    path: Path,
+    label: str | None,
+    group: str | None,
+    name: str,
+    every_nth: int = 1,
+    **meta,
+) -> list[Record]:
+    """Records for one file: one for an image, one per selected frame for DICOM / video.
+
+    ``group=None`` means "derive it": DICOM -> StudyInstanceUID (else the stem),
+    anything else -> the file stem.
+    """
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    kind = media_kind(path)
+    if kind == "image":
+        return [Record(path, label, group or path.stem, name, **meta)]
+    from . import dicom, video
+
+    if kind == "dicom":
+        info = dicom.read_dicom_info(path)
+        if meta.get("pixel_spacing_mm") is None and info.pixel_spacing_mm is not None:
+            meta["pixel_spacing_mm"] = info.pixel_spacing_mm
+        group = group or info.study_uid or path.stem
+        if info.n_frames <= 1:
+            return [Record(path, label, group, name, **meta)]
+        return [Record(path, label, group, name, frame=i, **meta)
+                for i in dicom.frame_indices(info.n_frames, every_nth)]
+    if kind == "video":
+        info = video.read_video_info(path)
+        return [Record(path, label, group or path.stem, name, frame=i, **meta)
+                for i in dicom.frame_indices(info.n_frames, every_nth)]
+    raise DataError(
+        f"unsupported file type {path.suffix or '(no extension)'}: {path}; "
+        f"expected an image ({', '.join(IMAGE_EXTENSIONS)}), DICOM or video"
+    )
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _parse_float(value: str, field_name: str, line: int, csv_path: Path) -> float | None:
+    value = value.strip()
+    if value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(
+            f"{csv_path}, line {line}, field {field_name!r}: expected a number, got {value!r}"
+        ) from None
+
+
+def load_manifest(csv_path: Path, require_labels: bool = True, every_nth: int = 1) -> list[Record]:
+    """Read a manifest CSV into records, validating every row.
+
+    Raises :class:`DataError` naming the file, line and field for: missing
+    columns, an empty path / group (/ label when ``require_labels``), a path that
+    does not exist, a non-numeric ``ga_weeks`` / ``pixel_spacing_mm``, and a group
+    that carries two labels.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"manifest not found: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path} is not a readable CSV file: {exc}") from exc
+    required = REQUIRED_COLUMNS if require_labels else ("path",)
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(
+            f"{csv_path}: missing required column(s) {', '.join(missing)}; "
+            f"found columns: {', '.join(columns) or '(none)'}; required: {', '.join(required)}"
+        )
+    if not rows:
+        raise DataError(f"{csv_path}: the manifest has no rows")
+    root = csv_path.parent
+    records: list[Record] = []
+    for line, raw in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        rel = row.get("path", "")
+        if not rel:
+            raise DataError(f"{csv_path}, line {line}, field 'path': empty")
+        label = row.get("label") or None
+        if require_labels and not label:
+            raise DataError(f"{csv_path}, line {line}, field 'label': empty")
+        group = row.get("group") or None
+        if "group" in columns and not group and require_labels:
+            raise DataError(f"{csv_path}, line {line}, field 'group': empty")
+        path = (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+        if not path.is_file():
+            raise DataError(f"{csv_path}, line {line}, field 'path': file does not exist: {rel}")
+        meta = {
+            "ga_weeks": _parse_float(row.get("ga_weeks", ""), "ga_weeks", line, csv_path),
+            "pixel_spacing_mm": _parse_float(row.get("pixel_spacing_mm", ""), "pixel_spacing_mm", line, csv_path),
+            "center": row.get("center") or None,
+            "device": row.get("device") or None,
+            "view": row.get("view") or None,
+            "source_row": line,
+        }
+        try:
+            records.extend(expand_file(path, label, group, rel, every_nth, **meta))
+        except DataError as exc:
+            raise type(exc)(f"{csv_path}, line {line}: {exc}") from exc
+    check_group_labels(records, str(csv_path))
+    return records
+
+
+def check_group_labels(records: Sequence[Record], source: str) -> None:
+    """Raise :class:`DataError` when a group carries two labels (naming rows)."""
+    seen: dict[str, Record] = {}
+    for r in records:
+        if r.label is None:
+            continue
+        first = seen.setdefault(r.group, r)
+        if first.label != r.label:
+            raise DataError(
+                f"{source}: group {r.group!r} carries two labels: {first.label!r} "
+                f"({first.where()}) and {r.label!r} ({r.where()}); a group is one patient "
+                "and must have one label"
+            )
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _media_files(folder: Path) -> list[Path]:
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.name.startswith(".") and media_kind(p) != "unknown":
+            files.append(p)
+    return files
+
+
+def _group_from_regex(regex: re.Pattern[str], rel: str, path: Path) -> str:
+    m = regex.search(rel)
+    if not m:
+        raise DataError(f"--group-regex {regex.pattern!r} does not match {rel} ({path})")
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def load_folder_tree(root: Path, group_regex: str | None = None, every_nth: int = 1) -> list[Record]:
+    """Read ``ROOT/<class>/<files>``; every sub-folder of ROOT is a class."""
+    root = Path(root)
+    regex = _compile_regex(group_regex)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders (expected ROOT/<class>/<image files>)")
+    records: list[Record] = []
+    for cdir in class_dirs:
+        files = _media_files(cdir)
+        if not files:
+            raise DataError(f"{cdir}: empty class folder (no image, DICOM or video files)")
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            group = _group_from_regex(regex, rel, path) if regex else None
+            records.extend(expand_file(path, cdir.name, group, rel, every_nth))
+    check_group_labels(records, str(root))
+    return records
+
+
+def load_unlabelled(path: Path, group_regex: str | None = None, every_nth: int = 1) -> list[Record]:
+    """Records for a single file or a flat folder of files, without labels."""
+    path = Path(path)
+    regex = _compile_regex(group_regex)
+    if path.is_file():
+        group = _group_from_regex(regex, path.name, path) if regex else None
+        return expand_file(path, None, group, path.name, every_nth)
+    files = _media_files(path)
+    if not files:
+        raise DataError(f"{path}: empty folder (no image, DICOM or video files)")
+    records: list[Record] = []
+    for f in files:
+        rel = f.relative_to(path).as_posix()
+        group = _group_from_regex(regex, rel, f) if regex else None
+        records.extend(expand_file(f, None, group, rel, every_nth))
+    return records
+
+
+def _compile_regex(pattern: str | None) -> re.Pattern[str] | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise DataError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    require_labels: bool = True,
+    group_regex: str | None = None,
+    classes: Sequence[str] | None = None,
+    every_nth: int = 1,
+) -> Dataset:
+    """Load any supported source into a :class:`Dataset`.
+
+    Parameters
+    ----------
+    path : path-like
+        A manifest ``.csv``, a folder-per-class tree, or (with
+        ``require_labels=False``) a single image / DICOM / video or a flat folder.
+    require_labels : bool
+        Training and CV need labels; prediction does not.
+    group_regex : str, optional
+        Regular expression whose first group (or whole match) names the group,
+        matched against the path relative to the folder root.
+    classes : sequence of str, optional
+        Explicit class order. Labels outside it are an error. Default: sorted labels.
+    every_nth : int
+        Keep every N-th frame of cine DICOM and video files.
+    """
+    path = Path(path).resolve()
+    if every_nth < 1:
+        raise DataError(f"--every-nth must be >= 1, got {every_nth}")
+    if not path.exists():
+        raise DataError(f"data not found: {path}")
+    if path.is_file() and path.suffix.lower() == ".csv":
+        records = load_manifest(path, require_labels=require_labels, every_nth=every_nth)
+    elif path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        records = load_folder_tree(path, group_regex, every_nth)
+    elif require_labels:
+        raise DataError(
+            f"{path}: labels are needed here; give a manifest CSV (path,label,group) or a "
+            "folder with one sub-folder per class"
+        )
+    else:
+        records = load_unlabelled(path, group_regex, every_nth)
+    if not records:
+        raise DataError(f"{path}: no images found")
+    labels = sorted({r.label for r in records if r.label})
+    if classes:
+        unknown = sorted(set(labels) - set(classes))
+        if unknown:
+            raise DataError(f"{path}: label(s) {unknown} are not in the given classes {list(classes)}")
+        class_list = list(classes)
+    else:
+        class_list = labels
+    return Dataset(records, class_list, str(path))
+
+
+# --------------------------------------------------------------------------- class policy
+
+
+def apply_rare_class_policy(dataset: Dataset, required: int, policy: str, merged_name: str = "other") -> Dataset:
+    """Deal with classes that have fewer than ``required`` groups.
+
+    ``error`` raises :class:`~fetalscan.errors.SplitError` listing them; ``drop``
+    removes their records; ``merge`` relabels them all as ``merged_name`` (the
+    original label is kept in ``Record.label_original``). A merged class that still
+    has too few groups is an error. What was done is appended to ``dataset.notes``.
+    """
+    from .errors import SplitError
+    from .splits import _deficient_message, deficient_classes
+
+    short = deficient_classes(dataset.labels, dataset.groups, required)
+    if not short:
+        return dataset
+    if policy == "error":
+        raise SplitError(f"{dataset.source}: " + _deficient_message(short, required, "kfold" if required > 2 else "logo"))
+    if policy == "drop":
+        keep = [i for i, r in enumerate(dataset.records) if r.label not in short]
+        if not keep:
+            raise SplitError(f"{dataset.source}: every class has fewer than {required} groups")
+        out = dataset.subset(keep)
+        out.classes = [c for c in dataset.classes if c not in short]
+        out.notes.append(f"dropped classes with fewer than {required} groups: {short}")
+        return out
+    if policy == "merge":
+        if merged_name in dataset.classes and merged_name not in short:
+            raise SplitError(f"--rare-classes merge: a class named {merged_name!r} already exists")
+        records = [
+            replace(r, label=merged_name, label_original=r.label) if r.label in short else r
+            for r in dataset.records
+        ]
+        classes = sorted({c for c in dataset.classes if c not in short} | {merged_name})
+        out = Dataset(records, classes, dataset.source, list(dataset.notes))
+        still = deficient_classes(out.labels, out.groups, required)
+        if still:
+            raise SplitError(
+                f"{dataset.source}: after merging {sorted(short)} into {merged_name!r}: "
+                + _deficient_message(still, required, "kfold" if required > 2 else "logo")
+            )
+        out.notes.append(
+            f"merged classes with fewer than {required} groups into {merged_name!r}: "
+            + ", ".join(f"{c} ({n})" for c, n in short.items())
+        )
+        return out
+    raise SplitError(f"unknown --rare-classes policy {policy!r}; choose error, merge or drop")
+
+
+# --------------------------------------------------------------------------- decoded images
+
+
+def phash64(image: np.ndarray) -> np.uint64:
+    """64-bit DCT perceptual hash (``imagehash.phash``) of an RGB image, as an integer."""
+    import imagehash
+    from PIL import Image
+
+    bits = imagehash.phash(Image.fromarray(image)).hash.flatten()
+    return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+
+
+def prepare_images(records: Sequence[Record], pre, with_hashes: bool = False,
+                   description: str = "reading images"):
+    """Decode every record once and resize it for the network.
+
+    Returns ``(images, hashes)``: a ``uint8`` tensor ``(N, C, h, w)`` prepared with
+    :func:`fetalscan.transforms.prepare` and, if asked, the ``uint64`` perceptual
+    hashes of the original pictures (else ``None``).
+    """
+    import torch
+
+    from .progress import track
+    from .transforms import prepare
+
+    h, w = pre.input_size
+    out = torch.empty((len(records), pre.channels, h, w), dtype=torch.uint8)
+    hashes = np.zeros(len(records), dtype=np.uint64) if with_hashes else None
+    for i, image in track(iter_record_images(records), description, total=len(records)):
+        out[i] = prepare(image, pre)
+        if hashes is not None:
+            hashes[i] = phash64(image)
+    return out, hashes

@@ -1,0 +1,332 @@
+"""The study design end to end: grouped cross-validation and the final model.
+
+``run_cv``: rare-class policy -> decode images once -> folds + inner splits ->
+leakage audit (refuses to train on failure) -> one model per fold, early-stopped
+on its inner split -> out-of-fold predictions -> image- and patient-level metrics.
+
+``run_train``: the same on all data, with an inner split for early stopping,
+written to ``model.pt``.
+
+Run folder of ``run_cv``::
+
+    predictions.csv            out-of-fold image-level predictions (the contract)
+    patients.csv               the same aggregated per group
+    inner_val_predictions.csv  each fold's model on its own inner-validation groups
+                               (for calibration / thresholds chosen without test data)
+    folds.csv                  group -> fold
+    audit.json                 leakage audit
+    metrics.json               metrics + configuration + provenance
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .checkpoint import architecture_of, save_checkpoint
+from .data import Dataset, apply_rare_class_policy, prepare_images
+from .errors import FetalscanError, SplitError
+from .evaluate import metrics_from_frame
+from .fileio import prepare_out_dir, provenance, write_csv, write_json
+from .models import get_backbone_spec, get_head, set_head
+from .predict import AGGREGATIONS, aggregate_groups, predictions_frame, softmax_with_temperature
+from .runtime import resolve_device, seed_everything
+from .splits import (
+    PHASH_THRESHOLD,
+    Fold,
+    audit_folds,
+    final_split,
+    hamming_pairs,
+    make_folds,
+    merge_near_duplicate_groups,
+    min_groups_required,
+    raise_if_failed,
+)
+from .train import (
+    FitResult,
+    TrainConfig,
+    compute_embeddings,
+    fit_finetune,
+    fit_head,
+    freeze_backbone,
+    new_model,
+    predict_logits,
+)
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = (
+    "fetalscan is research software that supports, and never replaces, the clinician's "
+    "reading; it is not a medical device."
+)
+
+
+@dataclass
+class CVConfig:
+    """How the data are split and read out; the CLI maps its flags 1:1 onto these."""
+
+    scheme: str = "kfold"  # "kfold" (stratified group k-fold) or "logo"
+    folds: int = 5
+    rare_classes: str = "merge"  # "error" | "merge" | "drop"
+    merged_name: str = "other"
+    near_duplicates: str = "error"  # "error" | "merge"
+    phash_threshold: int = PHASH_THRESHOLD
+    aggregate: str = "mean"
+    normal_class: str = "normal"
+
+    def validate(self) -> None:
+        if self.scheme not in ("kfold", "logo"):
+            raise FetalscanError(f"--cv must be 'kfold' or 'logo', got {self.scheme!r}")
+        if self.near_duplicates not in ("error", "merge"):
+            raise FetalscanError(f"--near-duplicates must be 'error' or 'merge', got {self.near_duplicates!r}")
+        if self.aggregate not in AGGREGATIONS:
+            raise FetalscanError(f"--aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FoldOutput:
+    """Probabilities a fold's model gave its test and inner-validation records."""
+
+    fold: Fold
+    test_probs: np.ndarray
+    val_probs: np.ndarray
+    fit: FitResult
+    seconds: float
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def _class_map(dataset: Dataset) -> dict[str, str]:
+    return {r.label_original: r.label for r in dataset.records
+            if r.label_original and r.label and r.label_original != r.label}
+
+
+def _merge_duplicate_groups(dataset: Dataset, hashes: np.ndarray, threshold: int) -> Dataset:
+    pairs = hamming_pairs(hashes, threshold)
+    new_groups = merge_near_duplicate_groups(dataset.groups, pairs)
+    records = [replace(r, group=g) for r, g in zip(dataset.records, new_groups)]
+    merged = Dataset(records, dataset.classes, dataset.source, list(dataset.notes))
+    from .data import check_group_labels
+
+    try:
+        check_group_labels(records, dataset.source)
+    except FetalscanError as exc:
+        raise SplitError(f"--near-duplicates merge: near-duplicate images carry different labels: {exc}") from None
+    n_before, n_after = len(set(dataset.groups)), len(set(new_groups))
+    if n_after < n_before:
+        merged.notes.append(f"merged the groups of near-duplicate images: {n_before} -> {n_after} groups")
+    return merged
+
+
+def _train_fold(
+    fold: Fold, y: np.ndarray, images: torch.Tensor, emb: torch.Tensor | None,
+    cfg: TrainConfig, n_classes: int, device: torch.device, seed: int, fixed_epochs: bool = False,
+) -> tuple[torch.nn.Module | torch.nn.Sequential, FitResult]:
+    """Train one model on ``fold.inner_train`` early-stopped on ``fold.inner_val``.
+
+    Returns the trained head (cached mode) or the whole model (fine-tuning).
+    """
+    tr, va = fold.inner_train, fold.inner_val
+    if cfg.mode == "cached":
+        assert emb is not None
+        return fit_head(emb[tr], y[tr], emb[va], y[va], n_classes, cfg, seed)
+    seed_everything(seed)
+    model = new_model(cfg, n_classes)
+    pre = get_backbone_spec(cfg.backbone).preprocessing
+    fit = fit_finetune(model, pre, images[tr], y[tr], images[va], y[va], n_classes, cfg, device, seed,
+                       fixed_epochs=fixed_epochs)
+    return model, fit
+
+
+def _fold_probs(trained, idx: np.ndarray, images: torch.Tensor, emb: torch.Tensor | None,
+                cfg: TrainConfig, device: torch.device) -> np.ndarray:
+    if len(idx) == 0:
+        return np.zeros((0, 0))
+    if cfg.mode == "cached":
+        with torch.inference_mode():
+            logits = trained(emb[idx])
+    else:
+        pre = get_backbone_spec(cfg.backbone).preprocessing
+        logits = predict_logits(trained, images[idx], pre, device, cfg.batch_size * 2, cfg.amp)
+    return softmax_with_temperature(logits)
+
+
+def _frozen_backbone(cfg: TrainConfig, n_classes: int, device: torch.device) -> torch.nn.Module:
+    model = new_model(cfg, n_classes).to(device)
+    freeze_backbone(model)
+    return model
+
+
+def cross_validate_folds(
+    dataset: Dataset, images: torch.Tensor, folds: list[Fold], cfg: TrainConfig,
+    device: torch.device, fixed_epochs: bool = False, emb: torch.Tensor | None = None,
+) -> list[FoldOutput]:
+    """Train and read out every fold; embeddings are computed once in cached mode."""
+    from .progress import track
+
+    y = dataset.y
+    n = len(dataset.classes)
+    if cfg.mode == "cached" and emb is None:
+        seed_everything(cfg.seed)
+        backbone = _frozen_backbone(cfg, n, device)
+        pre = get_backbone_spec(cfg.backbone).preprocessing
+        emb = compute_embeddings(backbone, images, pre, device, cfg.batch_size * 2, cfg.amp)
+    outputs = []
+    for fold in track(folds, "cross-validation folds", total=len(folds)):
+        t0 = time.perf_counter()
+        seed = cfg.seed + fold.index
+        trained, fit = _train_fold(fold, y, images, emb, cfg, n, device, seed, fixed_epochs)
+        outputs.append(FoldOutput(
+            fold,
+            _fold_probs(trained, fold.test, images, emb, cfg, device),
+            _fold_probs(trained, fold.inner_val, images, emb, cfg, device),
+            fit,
+            time.perf_counter() - t0,
+        ))
+        log.info("fold %d: best epoch %d, inner-val loss %.4f", fold.index, fit.best_epoch, fit.best_val_loss)
+    return outputs
+
+
+def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path,
+                    final: bool) -> tuple[Dataset, torch.Tensor, list[Fold], dict]:
+    """Decode images, build folds (or the final split), audit, write ``audit.json``."""
+    pre = get_backbone_spec(cfg.backbone).preprocessing
+    images, hashes = prepare_images(dataset.records, pre, with_hashes=True)
+    if cv.near_duplicates == "merge":
+        dataset = _merge_duplicate_groups(dataset, hashes, cv.phash_threshold)
+    labels, groups = dataset.labels, dataset.groups
+    if final:
+        folds = [final_split(labels, groups, cfg.val_fraction, cfg.seed)]
+    else:
+        folds = make_folds(labels, groups, cv.scheme, cv.folds, cfg.seed, cfg.val_fraction)
+    report = audit_folds(folds, labels, groups, [r.image_id for r in dataset.records], hashes,
+                         cv.phash_threshold)
+    write_json(out / "audit.json", report.to_dict())
+    raise_if_failed(report, str(out / "audit.json"))
+    return dataset, images, folds, report.to_dict()
+
+
+# --------------------------------------------------------------------------- cv
+
+
+def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False) -> dict:
+    """Grouped cross-validation; writes the run folder and returns ``metrics.json``'s content."""
+    cfg.validate()
+    cv.validate()
+    out = prepare_out_dir(out, overwrite)
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    dataset = apply_rare_class_policy(dataset, min_groups_required(cv.scheme, cv.folds), cv.rare_classes,
+                                      cv.merged_name)
+    dataset, images, folds, audit = _load_and_audit(dataset, cfg, cv, out, final=False)
+    outputs = cross_validate_folds(dataset, images, folds, cfg, device)
+
+    classes = dataset.classes
+    test_parts, val_parts = [], []
+    for o in outputs:
+        recs = [dataset.records[i] for i in o.fold.test]
+        test_parts.append(predictions_frame(recs, o.test_probs, classes, o.fold.index))
+        vrecs = [dataset.records[i] for i in o.fold.inner_val]
+        val_parts.append(predictions_frame(vrecs, o.val_probs, classes, o.fold.index))
+    preds = pd.concat(test_parts, ignore_index=True).sort_values(["fold", "group", "path", "frame"], kind="stable")
+    inner = pd.concat(val_parts, ignore_index=True)
+    patients = aggregate_groups(preds, classes, cv.aggregate, cv.normal_class)
+
+    metrics = {
+        "disclaimer": DISCLAIMER,
+        "task": {"classes": classes, "class_map": _class_map(dataset), "notes": dataset.notes},
+        "data": {"source": dataset.source, **dataset.summary()},
+        "cv": {**cv.to_dict(), "n_folds_run": len(folds), "val_fraction": cfg.val_fraction},
+        "training": cfg.to_dict(),
+        "image_level": metrics_from_frame(preds, classes),
+        "patient_level": metrics_from_frame(patients, classes),
+        "patient_level_by_aggregation": _all_aggregations(preds, classes, cv.normal_class),
+        "folds": [{"fold": o.fold.index, "n_test": int(len(o.fold.test)), "n_inner_val": int(len(o.fold.inner_val)),
+                   "best_epoch": o.fit.best_epoch, "inner_val_loss": o.fit.best_val_loss,
+                   "epochs_run": o.fit.epochs_run, "seconds": round(o.seconds, 3)} for o in outputs],
+        "audit": {"passed": audit["passed"], "near_duplicate_pairs": len(audit["near_duplicate_pairs"]),
+                  "warnings": audit["warnings"]},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "provenance": provenance(cfg.seed, dataset.data_hash(), device=str(device)),
+    }
+    write_csv(out / "folds.csv", pd.DataFrame(
+        sorted({(r.group, o.fold.index) for o in outputs for r in (dataset.records[i] for i in o.fold.test)}),
+        columns=["group", "fold"]))
+    write_csv(out / "inner_val_predictions.csv", inner)
+    write_csv(out / "predictions.csv", preds)
+    write_csv(out / "patients.csv", patients)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _all_aggregations(preds: pd.DataFrame, classes: list[str], normal_class: str) -> dict:
+    out = {}
+    for method in AGGREGATIONS:
+        if method == "max_abnormal" and normal_class not in classes:
+            continue
+        out[method] = metrics_from_frame(aggregate_groups(preds, classes, method, normal_class), classes)
+    return out
+
+
+# --------------------------------------------------------------------------- final model
+
+
+def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False) -> dict:
+    """Train the final model on all data (inner split for early stopping) -> ``out/model.pt``."""
+    cfg.validate()
+    cv.validate()
+    out = prepare_out_dir(out, overwrite)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    # the same class policy as cross-validation, so the final model has the classes CV evaluated
+    dataset = apply_rare_class_policy(dataset, min_groups_required(cv.scheme, cv.folds), cv.rare_classes,
+                                      cv.merged_name)
+    dataset, images, folds, audit = _load_and_audit(dataset, cfg, cv, out, final=True)
+    fold = folds[0]
+    n = len(dataset.classes)
+    y = dataset.y
+    if cfg.mode == "cached":
+        model = _frozen_backbone(cfg, n, device)
+        pre = get_backbone_spec(cfg.backbone).preprocessing
+        emb = compute_embeddings(model, images, pre, device, cfg.batch_size * 2, cfg.amp)
+        head, fit = fit_head(emb[fold.inner_train], y[fold.inner_train], emb[fold.inner_val], y[fold.inner_val],
+                             n, cfg, cfg.seed)
+        set_head(model, head.to(device))
+        val_probs = _fold_probs(head, fold.inner_val, images, emb, cfg, device)
+    else:
+        model, fit = _train_fold(fold, y, images, None, cfg, n, device, cfg.seed)
+        val_probs = _fold_probs(model, fold.inner_val, images, None, cfg, device)
+    model.eval()
+    assert get_head(model) is not None
+    val_df = predictions_frame([dataset.records[i] for i in fold.inner_val], val_probs, dataset.classes)
+    write_csv(out / "inner_val_predictions.csv", val_df)
+    prov = provenance(cfg.seed, dataset.data_hash(), device=str(device), data_source=dataset.source)
+    training = {
+        "config": cfg.to_dict(),
+        "fit": fit.to_dict(),
+        "split": {"n_inner_train": int(len(fold.inner_train)), "n_inner_val": int(len(fold.inner_val)),
+                  "inner_val_groups": sorted({dataset.records[i].group for i in fold.inner_val})},
+        "data": dataset.summary(),
+        "notes": dataset.notes,
+    }
+    path = save_checkpoint(
+        out / "model.pt", model, classes=dataset.classes, architecture=architecture_of(cfg, n),
+        preprocessing=get_backbone_spec(cfg.backbone).preprocessing, training=training,
+        provenance=prov, class_map=_class_map(dataset),
+    )
+    summary = {"model": str(path), "classes": dataset.classes, "best_epoch": fit.best_epoch,
+               "inner_val_loss": fit.best_val_loss, "epochs_run": fit.epochs_run,
+               "audit_passed": audit["passed"], "notes": dataset.notes, "provenance": prov}
+    write_json(out / "train.json", summary)
+    return summary
