@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("path", "label", "group")
 OPTIONAL_COLUMNS = ("ga_weeks", "center", "device", "view", "pixel_spacing_mm")
+KNOWN_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 
@@ -59,6 +60,7 @@ class Record:
     pixel_spacing_mm: float | None = None
     source_row: int | None = None  # 1-based line in the manifest (header = line 1)
     label_original: str | None = None  # before --rare-classes merge
+    extra: dict[str, str] = field(default_factory=dict, compare=False)  # other manifest columns
 
     @property
     def image_id(self) -> str:
@@ -333,6 +335,7 @@ def load_manifest(csv_path: Path, require_labels: bool = True, every_nth: int = 
             "device": row.get("device") or None,
             "view": row.get("view") or None,
             "source_row": line,
+            "extra": {k: v for k, v in row.items() if k and k not in KNOWN_COLUMNS},
         }
         try:
             records.extend(expand_file(path, label, group, rel, every_nth, **meta))

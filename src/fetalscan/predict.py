@@ -5,12 +5,12 @@ The two files written here are the contract every later stage reads.
 ``predictions.csv`` — one row per image::
 
     path, frame, group, label, fold, pred, p_<class> ..., label_original,
-    ga_weeks, center, device, view
+    ga_weeks, center, device, view, <any other manifest column> ...
 
 ``patients.csv`` — one row per group::
 
     group, label, fold, n_images, pred, p_<class> ..., aggregation,
-    ga_weeks, center, device, view
+    ga_weeks (mean), center, device, view (first), <other manifest columns constant in the group>
 
 ``path`` is the absolute path of the image file and ``frame`` the frame index for
 cine DICOM / video (empty for still images); ``label`` is empty when unknown;
@@ -53,8 +53,19 @@ def prob_columns(classes: Sequence[str]) -> list[str]:
 
 
 def classes_from_columns(columns: Sequence[str]) -> list[str]:
-    """Class order recovered from the ``p_<class>`` columns of a predictions file."""
-    return [c[2:] for c in columns if c.startswith("p_")]
+    """Class order recovered from the ``p_<class>`` columns of a predictions file.
+
+    These are the consecutive ``p_`` columns right after ``pred`` (so an extra
+    manifest column that happens to start with ``p_`` is not taken for a class).
+    """
+    columns = list(columns)
+    start = columns.index("pred") + 1 if "pred" in columns else 0
+    out = []
+    for c in columns[start:]:
+        if not c.startswith("p_"):
+            break
+        out.append(c[2:])
+    return out
 
 
 def softmax_with_temperature(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
@@ -86,6 +97,10 @@ def predictions_frame(
     df["label_original"] = [r.label_original or r.label or "" for r in records]
     for col in META_COLUMNS:
         df[col] = [getattr(r, col) for r in records]
+    extra_cols = list(dict.fromkeys(k for r in records for k in r.extra))
+    for col in extra_cols:
+        if col not in df.columns:
+            df[col] = [r.extra.get(col, "") for r in records]
     return df
 
 
@@ -135,6 +150,9 @@ def aggregate_groups(
             if col in part:
                 vals = part[col].dropna()
                 row[col] = (vals.astype(float).mean() if col == "ga_weeks" else vals.iloc[0]) if len(vals) else None
+        for col in part.columns[part.columns.get_loc("label_original") + 1:] if "label_original" in part else []:
+            if col not in row and col not in META_COLUMNS and part[col].nunique(dropna=False) == 1:
+                row[col] = part[col].iloc[0]  # extra manifest columns constant within the group
         rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):
