@@ -327,8 +327,9 @@ def _us_region_spacing_mm(ds: Dataset) -> float | None:
         and not math.isclose(dx, dy, rel_tol=1e-3)
     ):
         logger.warning(
-            "ultrasound region has anisotropic pixels (PhysicalDeltaX %.6g cm, "
-            "PhysicalDeltaY %.6g cm); using X", dx, dy,
+            "%s: ultrasound region has anisotropic pixels (PhysicalDeltaX %.6g cm, "
+            "PhysicalDeltaY %.6g cm); using X", getattr(ds, "filename", None) or "DICOM",
+            dx, dy,
         )
     return dx * 10.0
 
