@@ -209,18 +209,22 @@ def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndar
         by_file[r.path].append(i)
     for path in order:
         idx = by_file[path]
-        frames = [records[i].frame for i in idx]
-        if frames[0] is None:
-            image = read_image(path)
-            for i in idx:
-                yield i, image
-            continue
-        from . import dicom, video
-
-        kind = media_kind(path)
-        reader = dicom.read_dicom_frames if kind == "dicom" else video.read_video_frames
-        for i, image in zip(idx, reader(path, [int(f) for f in frames])):
+        for i, image in zip(idx, _read_frames(path, [records[i].frame for i in idx])):
             yield i, image
+
+
+def _read_frames(path: Path, frames: list[int | None]) -> list[np.ndarray]:
+    """Images of ``frames`` of one file (``None`` = a still image or single-frame DICOM)."""
+    from . import dicom, video
+
+    kind = media_kind(path)
+    if kind == "image":
+        return [read_image(path)] * len(frames)
+    if kind == "dicom":
+        return dicom.read_dicom_frames(path, [0 if f is None else int(f) for f in frames])
+    if kind == "video":
+        return video.read_video_frames(path, [int(f or 0) for f in frames])
+    raise ImageReadError(f"unsupported file type: {path}")
 
 
 def read_record_image(record: Record) -> np.ndarray:
