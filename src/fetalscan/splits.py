@@ -81,13 +81,16 @@ def deficient_classes(labels: Sequence[str], groups: Sequence[str], required: in
 def stratified_group_kfold(
     labels: Sequence[str], groups: Sequence[str], n_splits: int, seed: int = 0
 ) -> list[np.ndarray]:
-    """Test-record indices of ``n_splits`` folds, stratified by group label.
+    """Test-record indices of ``n_splits`` folds, stratified on the *groups* of each class.
 
-    Uses scikit-learn's ``StratifiedGroupKFold`` (shuffled, seeded). Raises
-    :class:`SplitError` when a class has fewer groups than folds.
+    The patient is the unit: each class's groups are shuffled (seeded) and dealt
+    to the folds in turn, starting each class at the folds that hold the fewest
+    groups so far, so every fold gets ``floor(n_c / k)`` or ``ceil(n_c / k)`` groups
+    of class ``c`` and fold sizes stay balanced. (scikit-learn's
+    ``StratifiedGroupKFold`` balances image counts instead, which lets a fold miss
+    a class's patients when groups differ in size.) Raises :class:`SplitError`
+    when a class has fewer groups than folds.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     if n_splits < 2:
         raise SplitError(f"--folds must be at least 2, got {n_splits}")
     n_groups = len(set(groups))
@@ -96,9 +99,22 @@ def stratified_group_kfold(
     short = deficient_classes(labels, groups, n_splits)
     if short:
         raise SplitError(_deficient_message(short, n_splits, "kfold"))
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    y = np.asarray(labels)
-    return [np.sort(test) for _, test in splitter.split(np.zeros(len(y)), y, np.asarray(groups))]
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for g, c in sorted(group_labels(labels, groups).items()):
+        by_class[c].append(g)
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    load = np.zeros(n_splits, dtype=int)
+    for c in sorted(by_class, key=lambda c: (-len(by_class[c]), c)):
+        gs = list(by_class[c])
+        rng.shuffle(gs)
+        order = sorted(range(n_splits), key=lambda k: (load[k], rng.random()))
+        for i, g in enumerate(gs):
+            k = order[i % n_splits]
+            fold_of[g] = k
+            load[k] += 1
+    fold_idx = np.array([fold_of[g] for g in groups])
+    return [np.flatnonzero(fold_idx == k) for k in range(n_splits)]
 
 
 def leave_one_group_out(labels: Sequence[str], groups: Sequence[str]) -> list[np.ndarray]:

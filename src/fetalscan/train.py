@@ -189,7 +189,7 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total += float(loss) * len(idx)
+        total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
 

@@ -1,0 +1,151 @@
+"""The command line end to end: cv / train / predict / demo, bad input -> exit 2, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import blob_image, write_manifest, write_png
+
+from fetalscan.cli import build_parser, main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_everywhere_and_fast_import() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "--help" in text, name
+    done = subprocess.run([sys.executable, "-c", "import fetalscan.cli, sys; "
+                           "print('torch' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"  # --help does not import torch
+
+
+def test_cv_writes_the_run_folder(tmp_path: Path, toy_manifest, capsys) -> None:
+    m = toy_manifest(groups=5, per_group=2)
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, "cv", "--data", m, "--folds", "5", "--out", out, "--seed", "1")
+    assert code == 0, err
+    for name in ("predictions.csv", "patients.csv", "metrics.json", "audit.json", "folds.csv",
+                 "inner_val_predictions.csv"):
+        assert (out / name).is_file(), name
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 20 and preds["fold"].notna().all()
+    assert set(preds["fold"]) == set(range(5))
+    # every image is predicted by the one fold model that did not see its group
+    folds = pd.read_csv(out / "folds.csv").set_index("group")["fold"]
+    assert (preds["fold"] == preds["group"].map(folds)).all()
+    patients = pd.read_csv(out / "patients.csv")
+    assert len(patients) == 10
+    metrics = json.loads((out / "metrics.json").read_text())
+    for level in ("image_level", "patient_level"):
+        assert {"accuracy", "balanced_accuracy", "macro_auroc", "per_class"} <= set(metrics[level])
+        assert {"sensitivity", "specificity"} <= set(metrics[level]["per_class"]["normal"])
+    assert metrics["provenance"]["seed"] == 1 and len(metrics["provenance"]["data_hash"]) == 64
+    assert "Out-of-fold results" in stdout
+
+
+def test_non_empty_out_is_refused_and_left_untouched(tmp_path: Path, toy_manifest, capsys) -> None:
+    m = toy_manifest(groups=5, per_group=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("precious")
+    code, _, err = _run(capsys, "cv", "--data", m, "--out", out)
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    assert (out / "metrics.json").read_text() == "precious"
+
+
+def test_corrupt_image_fails_cleanly_without_outputs(tmp_path: Path, toy_manifest, capsys) -> None:
+    m = toy_manifest(groups=5, per_group=1)
+    bad = m.parent / "normal" / "normal_2_0.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "cv", "--data", m, "--out", out)
+    assert code == 2
+    assert err.count("\n") == 1 and "error:" in err and "normal_2_0.png" in err
+    assert not (out / "predictions.csv").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("columns", "missing required column"),
+    ("path", "file does not exist"),
+    ("two_labels", "carries two labels"),
+    ("rare", "fewer groups than"),
+])
+def test_bad_manifests_exit_2_with_a_named_cause(tmp_path: Path, capsys, problem: str, message: str) -> None:
+    rows = []
+    for c in ("a", "b"):
+        for g in range(5 if problem != "rare" or c == "a" else 2):
+            write_png(tmp_path / f"{c}{g}.png", blob_image(ord(c) * 10 + g))
+            rows.append({"path": f"{c}{g}.png", "label": c, "group": f"{c}{g}"})
+    if problem == "path":
+        rows.append({"path": "missing.png", "label": "a", "group": "a9"})
+    if problem == "two_labels":
+        rows[0]["group"] = "b0"
+    cols = ["path", "label"] if problem == "columns" else ["path", "label", "group"]
+    m = write_manifest(tmp_path / "m.csv", rows, cols)
+    code, _, err = _run(capsys, "cv", "--data", m, "--out", tmp_path / "o", "--rare-classes", "error")
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_train_then_predict_on_folder_and_single_file(tmp_path: Path, toy_manifest, capsys) -> None:
+    m = toy_manifest(groups=5, per_group=2)
+    code, out, err = _run(capsys, "train", "--data", m, "--out", tmp_path / "model")
+    assert code == 0, err
+    model = tmp_path / "model" / "model.pt"
+    assert model.is_file() and (tmp_path / "model" / "train.json").is_file()
+    new = tmp_path / "new"
+    for i in range(3):
+        write_png(new / f"scan{i}.png", blob_image(100 + i, bright=i == 0))
+    code, _, err = _run(capsys, "predict", "--model", model, "--data", new, "--out", tmp_path / "p1")
+    assert code == 0, err
+    preds = pd.read_csv(tmp_path / "p1" / "predictions.csv", keep_default_na=False)
+    assert len(preds) == 3 and (preds["label"] == "").all() and (preds["fold"] == "").all()
+    assert (tmp_path / "p1" / "patients.csv").is_file()
+    code, _, err = _run(capsys, "predict", "--model", model, "--data", new / "scan0.png", "--out", tmp_path / "p2")
+    assert code == 0 and len(pd.read_csv(tmp_path / "p2" / "predictions.csv")) == 1
+    # a labelled manifest keeps its labels in the predictions
+    code, _, err = _run(capsys, "predict", "--model", model, "--data", m, "--out", tmp_path / "p3")
+    assert code == 0 and set(pd.read_csv(tmp_path / "p3" / "predictions.csv")["label"]) == {"abnormal", "normal"}
+
+
+def test_predict_with_a_foreign_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
+    import torch
+
+    fake = tmp_path / "model.pt"
+    torch.save({"format": "something-else"}, fake)
+    write_png(tmp_path / "x.png", blob_image(1))
+    code, _, err = _run(capsys, "predict", "--model", fake, "--data", tmp_path / "x.png", "--out", tmp_path / "o")
+    assert code == 2 and "not a fetalscan classifier checkpoint" in err
+
+
+def test_demo_runs_on_the_embedded_sample(tmp_path: Path, capsys) -> None:
+    code, out, err = _run(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 0, err
+    for name in ("metrics.json", "predictions.csv", "patients.csv", "model.pt"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["data"]["n_images"] == 166 and metrics["patient_level"]["n"] == 64
+    assert "different source" in out
+
+
+def test_issue_done_command_on_the_shared_fetal_brain(fetal_brain: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "brain"
+    code, stdout, err = _run(capsys, "cv", "--data", fetal_brain, "--folds", "5", "--backbone", "sononet16",
+                             "--pretrained", "sononet", "--out", out)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image_level"]["n"] == 166 and metrics["patient_level"]["n"] == 64
+    assert 0.5 < metrics["patient_level"]["macro_auroc"] <= 1.0
+    assert json.loads((out / "audit.json").read_text())["passed"] is True
