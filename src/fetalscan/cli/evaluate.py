@@ -1,0 +1,197 @@
+"""``fetalscan evaluate | report | compare`` — clinical evaluation, its report, and paired comparison."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ._ui import add_runtime_options, info_line, print_table, setup_progress, warn_line
+
+_HELP = {
+    "n_boot": "bootstrap resamples of patients (groups) for every confidence interval",
+    "confidence": "confidence level of the intervals",
+    "target_sensitivity": "screening view: sensitivity the operating point must reach on validation data",
+    "n_bins": "equal-width confidence bins of the reliability diagram / ECE / MCE",
+    "subgroups": "metadata columns to break results down by: auto, none, or a comma-separated list "
+                 "(ga_weeks is binned <14, 14-<20, 20-<28, >=28 weeks)",
+    "small_subgroup": "subgroups with fewer patients than this are flagged as small (never hidden)",
+    "shortcut": "run the shortcut check (a probe on image statistics without anatomy; needs the images)",
+    "probe_floor": "shortcut warning when the probe's AUROC reaches this",
+    "probe_margin": "shortcut warning when the probe is above chance and within this of the model's AUROC",
+    "n_perm": "permutations of the subgroup heterogeneity test",
+}
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    from ..evaluate import EvaluationConfig
+
+    group = p.add_argument_group("evaluation")
+    for f in dataclasses.fields(EvaluationConfig):
+        if f.name == "seed":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
+        else:
+            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
+
+
+def _eval_config(args: argparse.Namespace):
+    from ..evaluate import EvaluationConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluationConfig) if hasattr(args, f.name)}
+    return EvaluationConfig(**values)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .core import _add_data_options
+
+    p = sub.add_parser("evaluate", help="external validation: score a trained model on other data -> report.html",
+                       description="Score a model (model.pt from `fetalscan train`) on a labelled dataset from "
+                       "another centre or device and write predictions.csv, patients.csv, metrics.json and "
+                       "report.html. Nothing is fitted on these data: the model's temperature and screening "
+                       "threshold (chosen on its inner validation split) are used as stored.")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint written by `fetalscan train`")
+    _add_data_options(p)
+    p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal (default: mean)")
+    p.add_argument("--normal-class", default="normal", help="name of the normal class (default: normal)")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch size (default: 32)")
+    _add_eval_options(p)
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="(re)compute metrics with CIs and write report.html for a run folder",
+                       description="Read a run folder (from `fetalscan cv` or `fetalscan evaluate`), compute "
+                       "metrics with group-bootstrap CIs, the screening view, calibration, subgroups and the "
+                       "shortcut check, and rewrite metrics.json (all keys kept) and report.html.")
+    p.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder with predictions.csv")
+    _add_eval_options(p)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap / permutation seed (default: 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="paired comparison of two runs on the same cases (DeLong, McNemar)",
+                       description="Paired difference of two runs on the same cases: AUROC by DeLong's test "
+                       "(per class, macro with a group-bootstrap CI, and any-anomaly-vs-normal) and accuracy by "
+                       "McNemar's test, with confidence intervals.")
+    p.add_argument("run_a", type=Path, metavar="RUN_A", help="first run folder")
+    p.add_argument("run_b", type=Path, metavar="RUN_B", help="second run folder")
+    p.add_argument("--level", default="patient", choices=["patient", "image"],
+                   help="compare patients (patients.csv, default) or images (predictions.csv)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of patients (default: 1000)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level (default: 0.95)")
+    p.add_argument("--normal-class", default=None, help="normal class for the screening comparison "
+                   "(default: the run's, else 'normal')")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--out", type=Path, default=None, help="folder to write compare.json into (optional)")
+    p.set_defaults(func=cmd_compare)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate_external
+    from ..runtime import resolve_device
+    from .core import _load
+
+    setup_progress(args)
+    cfg = _eval_config(args)
+    cfg.seed = args.seed
+    cfg.validate()
+    device = resolve_device(args.device)
+    dataset = _load(args, require_labels=False)
+    metrics = evaluate_external(args.model, dataset, args.out, cfg, device=device, aggregate=args.aggregate,
+                                normal_class=args.normal_class, batch_size=args.batch_size, overwrite=args.overwrite)
+    print_summary(metrics)
+    info_line(f"wrote {args.out}/ (predictions.csv, patients.csv, metrics.json, report.html)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate_run
+
+    setup_progress(args)
+    cfg = _eval_config(args)
+    cfg.seed = args.seed
+    metrics = evaluate_run(args.run, cfg)
+    print_summary(metrics)
+    info_line(f"wrote {args.run}/report.html and {args.run}/metrics.json")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..compare import compare_runs
+    from ..fileio import write_json
+
+    result = compare_runs(args.run_a, args.run_b, level=args.level, n_boot=args.n_boot, seed=args.seed,
+                          confidence=args.confidence, normal_class=args.normal_class)
+    acc = result["accuracy"]
+    rows = [["accuracy (McNemar)", acc["accuracy_a"], acc["accuracy_b"], acc["difference"],
+             _ci(acc["ci_bootstrap"]), acc["p_value"]]]
+    macro = result["auroc"]["macro"]
+    if "difference" in macro:
+        rows.append(["macro AUROC (bootstrap)", macro["auroc_a"], macro["auroc_b"], macro["difference"],
+                     _ci(macro["ci_bootstrap"]), None])
+    scr = result["auroc"]["screening"]
+    if scr:
+        rows.append([f"AUROC abnormal vs {scr['normal_class']} (DeLong)", scr["auroc_a"], scr["auroc_b"],
+                     scr["difference"], _ci(scr["ci"]), scr["p_value"]])
+    for c, r in result["auroc"]["per_class"].items():
+        if "difference" in r:
+            rows.append([f"AUROC {c} (DeLong)", r["auroc_a"], r["auroc_b"], r["difference"], _ci(r["ci"]), r["p_value"]])
+    print_table(f"A = {args.run_a}, B = {args.run_b} ({result['n']} {result['level']}s, paired)",
+                ["measure", "A", "B", "A - B", f"{args.confidence:.0%} CI", "p"], rows)
+    for note in result["notes"]:
+        warn_line(note)
+    if args.out:
+        path = write_json(Path(args.out) / "compare.json", result)
+        info_line(f"wrote {path}")
+    return 0
+
+
+def _ci(interval) -> str:
+    if not interval or any(v is None or v != v for v in interval):
+        return "-"
+    return f"{interval[0]:+.3f} to {interval[1]:+.3f}"
+
+
+def _fmt_ci(value: float, interval) -> str:
+    if value is None or value != value:
+        return "-"
+    if not interval or any(v is None or v != v for v in interval):
+        return f"{value:.3f}"
+    return f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})"
+
+
+def print_summary(metrics: dict) -> None:
+    """Headline numbers with their intervals, and the warnings, on the terminal."""
+    img, pat = metrics["image_level"], metrics["patient_level"]
+    rows = []
+    for name, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                        ("macro_auroc", "macro AUROC"), ("micro_auroc", "micro AUROC")):
+        rows.append([label, _fmt_ci(img[name], img["ci"][name]["bootstrap"]),
+                     _fmt_ci(pat[name], pat["ci"][name]["bootstrap"])])
+    rows.append(["n", f"{img['n']} images", f"{pat['n']} patients"])
+    print_table("Results with 95% group-bootstrap intervals", ["metric", "image level", "patient level"], rows)
+    scr = metrics.get("screening") or {}
+    if scr.get("available"):
+        op = scr["patient"].get("operating_point")
+        line = f"screening (any anomaly vs {scr['normal_class']}), patients: AUROC " + \
+            _fmt_ci(scr["patient"]["roc"]["auroc"], scr["patient"]["roc"]["ci"])
+        if op:
+            line += (f"; sensitivity {_fmt_ci(op['sensitivity'], op['sensitivity_ci']['bootstrap'])}, "
+                     f"specificity {_fmt_ci(op['specificity'], op['specificity_ci']['bootstrap'])}")
+        info_line(line)
+    sc = metrics.get("shortcut") or {}
+    if sc.get("available"):
+        info_line(f"shortcut probe (no anatomy): patient-level macro AUROC "
+                  f"{_fmt_ci(sc['probe_patient_level']['macro_auroc'], sc['probe_patient_level']['ci']['macro_auroc']['bootstrap'])}")
+        if sc.get("warning"):
+            warn_line(sc["message"])
+    elif sc.get("note"):
+        warn_line(sc["note"])
+    info_line(metrics.get("disclaimer", ""))
