@@ -72,8 +72,8 @@ def test_corrupt_image_fails_cleanly_without_outputs(tmp_path: Path, toy_manifes
     out = tmp_path / "run"
     code, _, err = _run(capsys, "cv", "--data", m, "--out", out)
     assert code == 2
-    assert err.count("\n") == 1 and "error:" in err and "normal_2_0.png" in err
-    assert not (out / "predictions.csv").exists() and not (out / "metrics.json").exists()
+    assert err.count("\n") == 1 and "error:" in err and "normal_2_0.png" in err and "manifest line" in err
+    assert not out.exists()  # nothing was created
 
 
 @pytest.mark.parametrize("problem, message", [

@@ -209,7 +209,12 @@ def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndar
         by_file[r.path].append(i)
     for path in order:
         idx = by_file[path]
-        for i, image in zip(idx, _read_frames(path, [records[i].frame for i in idx])):
+        try:
+            images = _read_frames(path, [records[i].frame for i in idx])
+        except ImageReadError as exc:
+            row = records[idx[0]].source_row
+            raise ImageReadError(f"{exc} [manifest line {row}]" if row else str(exc)) from exc
+        for i, image in zip(idx, images):
             yield i, image
 
 

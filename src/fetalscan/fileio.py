@@ -101,12 +101,11 @@ def write_csv(path: str | Path, frame: Any) -> Path:
     return Path(path)
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Make sure ``out`` can receive a run's files.
+def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an ``out`` that is a file, or a non-empty folder without ``overwrite``.
 
-    A missing folder is created. An existing non-empty folder is refused unless
-    ``overwrite`` is true; with ``overwrite`` its files are replaced one by one
-    (atomically) as the run writes them, nothing is deleted up front.
+    Creates nothing, so a run that fails on its input leaves no trace; call it
+    before any work and :func:`prepare_out_dir` right before the first write.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -116,6 +115,16 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
             f"--out {out} is not empty; choose another folder or pass --overwrite "
             "to replace its files"
         )
+    return out
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Make sure ``out`` can receive a run's files (see :func:`check_out_dir`), creating it.
+
+    With ``overwrite`` the files of an existing folder are replaced one by one
+    (atomically) as the run writes them; nothing is deleted up front.
+    """
+    out = check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -33,7 +33,7 @@ from .checkpoint import architecture_of, save_checkpoint
 from .data import Dataset, apply_rare_class_policy, prepare_images
 from .errors import FetalscanError, SplitError
 from .evaluate import metrics_from_frame
-from .fileio import prepare_out_dir, provenance, write_csv, write_json
+from .fileio import check_out_dir, prepare_out_dir, provenance, write_csv, write_json
 from .models import get_backbone_spec, get_head, set_head
 from .predict import AGGREGATIONS, aggregate_groups, predictions_frame, softmax_with_temperature
 from .runtime import resolve_device, seed_everything
@@ -211,6 +211,7 @@ def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path,
         folds = make_folds(labels, groups, cv.scheme, cv.folds, cfg.seed, cfg.val_fraction)
     report = audit_folds(folds, labels, groups, [r.image_id for r in dataset.records], hashes,
                          cv.phash_threshold)
+    prepare_out_dir(out, overwrite=True)  # checked at the start of the run; created only now
     write_json(out / "audit.json", report.to_dict())
     raise_if_failed(report, str(out / "audit.json"))
     return dataset, images, folds, report.to_dict()
@@ -223,7 +224,7 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, ov
     """Grouped cross-validation; writes the run folder and returns ``metrics.json``'s content."""
     cfg.validate()
     cv.validate()
-    out = prepare_out_dir(out, overwrite)
+    out = check_out_dir(out, overwrite)
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -286,7 +287,7 @@ def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path,
     """Train the final model on all data (inner split for early stopping) -> ``out/model.pt``."""
     cfg.validate()
     cv.validate()
-    out = prepare_out_dir(out, overwrite)
+    out = check_out_dir(out, overwrite)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     # the same class policy as cross-validation, so the final model has the classes CV evaluated

@@ -20,12 +20,16 @@ def _console(stderr: bool = False):
 
 def error_line(message: str) -> None:
     """One red line on stderr: ``error: <message>``."""
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True)
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
 
 
 def warn_line(message: str) -> None:
     """One yellow line on stderr."""
-    _console(stderr=True).print(f"[yellow]warning:[/] {message}", markup=True)
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", markup=True)
 
 
 def info_line(message: str) -> None:
@@ -36,12 +40,13 @@ def info_line(message: str) -> None:
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """A readable table on stdout (floats with 3 decimals, None as '-')."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        table.add_column(Text(col), justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*[_fmt(v) for v in row])
+        table.add_row(*[Text(_fmt(v)) for v in row])
     _console().print(table)
 
 

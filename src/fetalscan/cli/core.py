@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
-    from ..fileio import prepare_out_dir
+    from ..fileio import check_out_dir
     from ..predict import labels_for_model, predict_dataset, predictions_frame, write_prediction_files
     from ..runtime import resolve_device
 
@@ -181,7 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if unknown:
         warn_line(f"label(s) {sorted(unknown)} are not classes of the model; left empty in 'label' "
                   "(kept in 'label_original')")
-    out = prepare_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite)
     probs = predict_dataset(loaded, dataset, device, args.batch_size)
     df = predictions_frame(dataset.records, probs, loaded.classes)
     write_prediction_files(out, df, loaded.classes, args.aggregate, args.normal_class)
