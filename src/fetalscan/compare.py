@@ -102,7 +102,7 @@ def delong_test(positive: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, 
     >>> y = np.array([1, 1, 1, 0, 0, 0], bool)
     >>> r = delong_test(y, np.array([.9, .8, .7, .3, .2, .1]), np.array([.9, .2, .7, .3, .8, .1]))
     >>> round(r["difference"], 3)
-    0.444
+    0.333
     """
     from scipy.stats import norm
 
@@ -174,8 +174,9 @@ def _run_frame(run: Path, level: str) -> tuple[pd.DataFrame, list[str], dict]:
     if level == "patient":
         df["_key"] = df["group"].astype(str)
     else:
-        frame = df["frame"].astype("Int64").astype(str) if "frame" in df else ""
-        df["_key"] = df["path"].astype(str) + "#" + frame
+        frames = (df["frame"].astype("Int64").astype(object).map(lambda v: "" if pd.isna(v) else str(int(v)))
+                  if "frame" in df else pd.Series("", index=df.index))
+        df["_key"] = df["path"].astype(str) + "#" + frames
     dup = df["_key"][df["_key"].duplicated()]
     if len(dup):
         raise DataError(f"{run / name}: case {dup.iloc[0]!r} appears more than once; compare needs one row per case")

@@ -688,7 +688,7 @@ def calibration_analysis(test_img: pd.DataFrame, inner_img: pd.DataFrame | None,
     block: dict = {"n_bins": cfg.n_bins, "method": "temperature scaling (Guo et al. 2017) fitted per fold on the "
                    "inner validation split, applied to that fold's test images"}
     if inner_img is None or not len(inner_img) or "fold" not in test_img or test_img["fold"].isna().all():
-        block.update({"fitted": False, "temperatures": [],
+        block.update({"fitted": False, "temperatures": [], "notes": [],
                       "note": temperature_note or "no inner-validation predictions: no temperature was fitted"})
         img = _calibration_block(test_img, classes, cfg)
         pat = _calibration_block(aggregate_groups(test_img, classes, aggregate, normal_class), classes, cfg)
