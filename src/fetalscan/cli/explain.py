@@ -1,0 +1,239 @@
+"""``fetalscan explain`` — Grad-CAM family overlays, the report gallery and faithfulness scores.
+
+Two forms::
+
+    fetalscan explain --model CKPT --images PATH [PATH ...] --out DIR [--method gradcam]
+    fetalscan explain --run RUN_DIR [--model CKPT]
+
+The first writes, for every image, the overlay at the original size, the heatmap
+and a side-by-side panel (``--faithfulness`` adds the faithfulness table for these
+images). The second writes ``RUN_DIR/explain/``: the gallery of the most confident
+true positives, false positives and false negatives per class, and
+``faithfulness.json`` (deletion / insertion vs random maps, randomisation check,
+energy in the fetal head), which ``fetalscan report`` shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from ._ui import info_line, print_table, setup_progress, warn_line
+
+_HELP = {
+    "method": "heatmap method: gradcam, gradcam++, scorecam (slow: one forward pass per channel) or eigencam",
+    "layer": "dotted name of the target layer (default: the backbone's registered Grad-CAM layer)",
+    "target": "class whose evidence is shown (default: each image's predicted class)",
+    "batch_size": "images per forward/backward pass",
+    "alpha": "opacity of the heatmap colour at its hottest point, 0-1",
+    "colormap": "matplotlib colour map of the overlay (jet, turbo, inferno ...)",
+    "score_batch": "masked images per forward pass inside Score-CAM",
+    "methods": "faithfulness: comma-separated methods or 'all' (scorecam is slow)",
+    "n_images": "faithfulness: images for deletion/insertion (one per patient group first)",
+    "randomisation_images": "faithfulness: the first N of those images are used for the randomisation check",
+    "steps": "faithfulness: deletion/insertion curve steps (fractions 0, 1/steps, ..., 1)",
+    "baseline": "faithfulness: what removed pixels become: blur or mean",
+    "blur_sigma": "faithfulness: Gaussian blur sigma of the baseline, as a fraction of the longer input side",
+    "random_maps": "faithfulness: random maps per image for the random baseline",
+    "head_masks": "faithfulness: HC18-style manifest (image,mask) for energy-in-head; 'auto' looks for "
+                  "../shared/data/hc18/manifest.csv, 'none' skips it",
+    "head_images": "faithfulness: head images sampled from --head-masks (one per exam)",
+    "n_boot": "faithfulness: group-bootstrap resamples for the 95%% intervals",
+}
+_SKIP = {"seed", "batch_size"}
+
+
+def _add_options(p: argparse.ArgumentParser, cls, title: str, skip: set[str] = frozenset()) -> None:
+    group = p.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kind = str if default is None else type(default)
+        if f.name == "head_masks":
+            default = "auto"
+        suffix = "" if default is None else f" (default: {default})"
+        group.add_argument(flag, dest=f.name, type=kind, default=default, help=_HELP.get(f.name, "") + suffix)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..explain import ExplainConfig
+    from ..faithfulness import FaithfulnessConfig
+
+    p = sub.add_parser(
+        "explain", help="Grad-CAM family heatmaps over the images, report gallery, faithfulness scores",
+        description="Heatmaps of where a model found its evidence, overlaid on the original ultrasound "
+        "images, and how faithful those heatmaps are. Images: --model CKPT --images PATH... --out DIR. "
+        "A CV run folder: --run RUN_DIR (gallery + faithfulness into RUN_DIR/explain; the fold models "
+        "of a cached-mode run are re-trained in seconds, or pass --model). Heatmaps support, and never "
+        "replace, the clinician's reading.",
+    )
+    p.add_argument("--model", type=Path, default=None, help="checkpoint written by `fetalscan train`")
+    p.add_argument("--images", type=Path, nargs="+", default=None,
+                   help="images, folders, manifests, DICOM or video files to explain")
+    p.add_argument("--run", type=Path, default=None, help="run folder written by `fetalscan cv`")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (required with --images; default with --run: RUN/explain)")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
+    p.add_argument("--faithfulness", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure faithfulness (default: on with --run, off with --images)")
+    p.add_argument("--gallery-per-kind", type=int, default=1,
+                   help="gallery images per class and kind (TP, FP, FN) (default: 1)")
+    p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
+    _add_options(p, ExplainConfig, "heatmaps")
+    _add_options(p, FaithfulnessConfig, "faithfulness", _SKIP)
+    p.add_argument("--device", default="auto",
+                   help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N' (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of image sampling and random maps (default: 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show progress bars (default: when stderr is a terminal)")
+    p.set_defaults(func=cmd_explain)
+
+
+def _configs(args: argparse.Namespace):
+    from ..explain import ExplainConfig
+    from ..faithfulness import FaithfulnessConfig
+
+    cfg = ExplainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainConfig)})
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(FaithfulnessConfig) if f.name not in _SKIP}
+    fcfg = FaithfulnessConfig(**fields, seed=args.seed, batch_size=args.batch_size)
+    fcfg.head_masks = _head_masks(args.head_masks)
+    return cfg, fcfg
+
+
+def _head_masks(value: str | None) -> str | None:
+    """``auto`` -> the shared HC18 manifest when one is found, ``none`` -> None, else the path."""
+    from ..errors import DataError
+
+    if value is None or value.lower() == "none":
+        return None
+    if value.lower() != "auto":
+        if not Path(value).is_file():
+            raise DataError(f"--head-masks {value}: file not found")
+        return value
+    roots = [Path(os.environ["FETALSCAN_SHARED"])] if os.environ.get("FETALSCAN_SHARED") else []
+    here = Path(__file__).resolve()
+    roots += [here.parents[3].parent / "shared", Path.cwd().parent / "shared", Path.cwd() / "shared"]
+    for root in roots:
+        cand = root / "data" / "hc18" / "manifest.csv"
+        if cand.is_file():
+            return str(cand)
+    warn_line("--head-masks auto: no HC18 manifest found (../shared/data/hc18/manifest.csv); "
+              "energy in head is not measured")
+    return None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ..errors import FetalscanError
+
+    setup_progress(args)
+    if (args.run is None) == (args.images is None):
+        raise FetalscanError("give either --images (with --model and --out) or --run RUN_DIR")
+    if args.run is not None:
+        return _cmd_run(args)
+    if args.model is None or args.out is None:
+        raise FetalscanError("--images needs --model CKPT and --out DIR")
+    return _cmd_images(args)
+
+
+def _load_images(args: argparse.Namespace, loaded):
+    from ..data import Dataset, load_dataset
+    from ..predict import labels_for_model
+
+    records = []
+    for path in args.images:
+        ds = load_dataset(path, require_labels=False, every_nth=args.every_nth)
+        records.extend(ds.records)
+    dataset, unknown = labels_for_model(Dataset(records, list(loaded.classes), "images"), loaded.classes,
+                                        loaded.class_map)
+    if unknown:
+        warn_line(f"label(s) {sorted(unknown)} are not classes of the model; shown as unknown")
+    return dataset.records
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..explain import explain_to_folder
+    from ..fileio import prepare_out_dir
+    from ..runtime import resolve_device, seed_everything
+
+    cfg, fcfg = _configs(args)
+    cfg.validate()
+    if args.faithfulness:
+        fcfg.validate()
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    loaded = load_checkpoint(args.model, device)
+    records = _load_images(args, loaded)
+    out = prepare_out_dir(args.out, args.overwrite)
+    df = explain_to_folder(loaded, records, cfg, out, device)
+    info_line(f"{len(df)} image(s) explained with {cfg.method} -> {out}/ "
+              "(<name>_<method>_overlay.png, _panel.png, _heatmap.png, explanations.csv)")
+    if args.faithfulness:
+        _images_faithfulness(loaded, records, cfg, fcfg, out, device)
+    info_line("Heatmaps show where the model's evidence lay; they support, and never replace, the clinician.")
+    return 0
+
+
+def _images_faithfulness(loaded, records, cfg, fcfg, out: Path, device) -> None:
+    import pandas as pd
+
+    from ..explain import DISCLAIMER, sample_rows
+    from ..faithfulness import Unit, curves_figure, evaluate_faithfulness
+    from ..figures import save_figure
+    from ..fileio import provenance, write_json
+
+    frame = pd.DataFrame({"group": [r.group for r in records]})
+    picked = [records[i] for i in sample_rows(frame, fcfg.n_images, fcfg.seed)]
+    result = evaluate_faithfulness([Unit(loaded, picked, "the given model", cfg.layer)], fcfg, device)
+    result["notes"].insert(0, "Images explained by the given model; if they were in its training data, "
+                              "the numbers describe the model on data it has seen.")
+    result["disclaimer"] = DISCLAIMER
+    result["provenance"] = provenance(fcfg.seed, device=str(device))
+    save_figure(curves_figure(result), out / "faithfulness_curves.png")
+    result["figures"] = {"curves": "faithfulness_curves.png"}
+    write_json(out / "faithfulness.json", result)
+    _print_faithfulness(result)
+    info_line(f"wrote {out}/faithfulness.json and faithfulness_curves.png")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ..explain import explain_run
+    from ..runtime import resolve_device, seed_everything
+
+    cfg, fcfg = _configs(args)
+    want = True if args.faithfulness is None else args.faithfulness
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    res = explain_run(args.run, cfg, fcfg if want else None, model_path=args.model,
+                      per_kind=args.gallery_per_kind, out=args.out, overwrite=args.overwrite, device=device)
+    models = res["models"]
+    if "max_abs_prob_diff" in models:
+        line = (f"fold models re-trained from the run; largest difference from predictions.csv: "
+                f"{models['max_abs_prob_diff']:.1e}")
+        (info_line if models["reproduced"] else warn_line)(line)
+    else:
+        warn_line(models["note"])
+    rows = [[g["class"], g["kind"], Path(g["path"]).name, g["prob"], g["label"], g["pred"]] for g in res["gallery"]]
+    print_table(f"Gallery ({cfg.method}): most confident per class", ["class", "kind", "image", "p(class)",
+                                                                      "label", "predicted"], rows)
+    if res["faithfulness"] is not None:
+        _print_faithfulness(res["faithfulness"])
+    info_line(f"wrote {res['out']}/ (gallery.json, gallery/*.png"
+              + (", faithfulness.json, faithfulness_curves.png)" if res["faithfulness"] else ")"))
+    return 0
+
+
+def _print_faithfulness(result: dict) -> None:
+    from ..faithfulness import TABLE_COLUMNS, table_rows
+
+    print_table("Faithfulness of the heatmaps (means; see faithfulness.json for 95% intervals)",
+                TABLE_COLUMNS, table_rows(result))
+    for method, e in result["methods"].items():
+        cascade = ", ".join(f"{c['stage']}: {c['spearman']:.2f}" for c in e["randomisation_cascade"])
+        info_line(f"{e.get('name', method)} randomisation cascade (Spearman): {cascade}")
+    for note in result["notes"]:
+        info_line(f"- {note}")
