@@ -284,7 +284,8 @@ def weighted_average_precision(scores: np.ndarray, positive: np.ndarray, weights
     """Average precision ``sum_t (R_t - R_{t-1}) P_t`` under each row of a weight matrix.
 
     Thresholds are the distinct scores in decreasing order (scikit-learn's
-    definition, no interpolation). ``NaN`` where a row has no positive weight.
+    definition, no interpolation). ``NaN`` where a row has no positive or no
+    negative weight (as :func:`classification_metrics` leaves AP undefined then).
     """
     s, pos, w = _sorted_weights(scores, positive, weights, descending=True)
     if len(s) == 0:
@@ -297,7 +298,7 @@ def weighted_average_precision(scores: np.ndarray, positive: np.ndarray, weights
         precision = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1), 0.0)
         recall = tp / p_tot[:, None]
         ap = (np.diff(recall, axis=1, prepend=0.0) * precision).sum(1)
-    ap[p_tot <= 0] = np.nan
+    ap[(p_tot <= 0) | (fp[:, -1] <= 0)] = np.nan  # undefined without positives or negatives, as the point estimate
     return ap
 
 
@@ -348,11 +349,12 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _replicate_stats(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
     """Every bootstrapped metric for a block of weight rows ``w`` (b, n)."""
+    from scipy import sparse
+
     k = proba.shape[1]
     pred = proba.argmax(1)
-    pair = np.zeros((len(y), k * k))
-    pair[np.arange(len(y)), y * k + pred] = 1.0
-    cm = (w @ pair).reshape(len(w), k, k)
+    pair = sparse.csr_matrix((np.ones(len(y)), (np.arange(len(y)), y * k + pred)), shape=(len(y), k * k))
+    cm = np.asarray((pair.T @ w.T).T).reshape(len(w), k, k)  # weighted confusion matrix per resample
     total = cm.sum((1, 2))
     tp = np.diagonal(cm, axis1=1, axis2=2)
     fn = cm.sum(2) - tp
@@ -1250,7 +1252,7 @@ def evaluate_run(run_dir: str | Path, config: EvaluationConfig | None = None, *,
 
 def evaluate_external(model: str | Path, dataset, out: str | Path, config: EvaluationConfig | None = None, *,
                       device=None, aggregate: str = "mean", normal_class: str = "normal", batch_size: int = 32,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, description: str = "") -> dict:
     """Score a trained model on another dataset and write the same report (external validation).
 
     Writes ``predictions.csv``, ``patients.csv``, ``metrics.json`` and ``report.html``
@@ -1266,6 +1268,9 @@ def evaluate_external(model: str | Path, dataset, out: str | Path, config: Evalu
     dataset : fetalscan.data.Dataset
         The external data, labelled (labels the model does not know are kept only
         in ``label_original`` and left out of the metrics).
+    description : str
+        What the external set is (centre, device, period, how labels were
+        obtained); printed at the top of the report.
     """
     from .checkpoint import load_checkpoint
     from .fileio import prepare_out_dir, provenance, write_json
@@ -1312,7 +1317,7 @@ def evaluate_external(model: str | Path, dataset, out: str | Path, config: Evalu
             "model_training_data": ((loaded.meta.get("training") or {}).get("data") or {}),
             "temperature": loaded.temperature, "calibration": {k: v for k, v in calib.items() if k != "screening"},
             "screening_thresholds": thresholds, "aggregate": aggregate, "normal_class": normal_class,
-            "unknown_labels": sorted(unknown),
+            "unknown_labels": sorted(unknown), "description": description,
             "note": "external validation: the model was trained elsewhere and nothing is fitted on these data",
         },
         "seconds_predict": round(time.perf_counter() - t0, 2),

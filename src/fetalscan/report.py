@@ -104,11 +104,20 @@ def _prob_matrix(df: pd.DataFrame, classes: Sequence[str]) -> tuple[np.ndarray, 
     return y, lab[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
 
 
-def roc_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: str) -> str:
-    """One-vs-rest ROC curve of every class (AUROC in the legend) plus the micro-average."""
+def _any_defined(y: np.ndarray, k: int) -> bool:
+    """Whether some class has both positive and negative cases (else no curve exists)."""
+    counts = np.bincount(y, minlength=k)
+    return bool(((counts > 0) & (counts < len(y))).any())
+
+
+def roc_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: str) -> str | None:
+    """One-vs-rest ROC curve of every class (AUROC in the legend) plus the micro-average;
+    ``None`` when the data hold a single class (no curve is defined)."""
     from sklearn.metrics import roc_curve
 
     y, p = _prob_matrix(df, classes)
+    if not _any_defined(y, len(classes)):
+        return None
     fig, ax = _fig()
     for k, c in enumerate(classes):
         pos = y == k
@@ -126,11 +135,14 @@ def roc_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: s
     return _uri(fig)
 
 
-def pr_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: str) -> str:
-    """Precision-recall curve of every class (average precision and prevalence in the legend)."""
+def pr_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: str) -> str | None:
+    """Precision-recall curve of every class (average precision and prevalence in the legend);
+    ``None`` when the data hold a single class."""
     from sklearn.metrics import precision_recall_curve
 
     y, p = _prob_matrix(df, classes)
+    if not _any_defined(y, len(classes)):
+        return None
     fig, ax = _fig()
     for k, c in enumerate(classes):
         pos = y == k
@@ -182,17 +194,20 @@ def reliability_figure(before: dict, after: dict | None, title: str) -> str:
     return _uri(fig)
 
 
-def screening_figure(frames: dict, screening: dict) -> str:
+def screening_figure(frames: dict, screening: dict) -> str | None:
     """ROC of p(abnormal) at image and patient level with the operating points."""
     from sklearn.metrics import roc_curve
 
     from .evaluate import labelled_rows
 
     normal = screening["normal_class"]
+    truths = {key: labelled_rows(frames[key])["label"].astype(str).to_numpy() != normal for key in ("image", "patient")}
+    if not any(0 < t.sum() < len(t) for t in truths.values()):
+        return None
     fig, ax = _fig(4.8, 4.2)
     for level, key, colour in (("image", "image", "#ff7f0e"), ("patient", "patient", "#1f77b4")):
         df = labelled_rows(frames[key])
-        truth = df["label"].astype(str).to_numpy() != normal
+        truth = truths[key]
         if not 0 < truth.sum() < len(truth):
             continue
         fpr, tpr, _ = roc_curve(truth, 1 - df[f"p_{normal}"].to_numpy())
@@ -302,6 +317,13 @@ def read_explainability(run_dir: Path) -> dict:
                 notes.append(f"{gpath}: item {i}: overlay {png} not found; skipped")
                 continue
             items.append({**item, "uri": file_data_uri(png)})
+    curves = None
+    if faith is not None:
+        rel = (faith.get("figures") or {}).get("curves") if isinstance(faith.get("figures"), dict) else None
+        if rel and (base / str(rel)).is_file():
+            from .figures import file_data_uri
+
+            curves = file_data_uri(base / str(rel))
     present = faith is not None or bool(items)
     summary = {
         "available": present,
@@ -311,7 +333,7 @@ def read_explainability(run_dir: Path) -> dict:
         "how_to": "fetalscan explain --run RUN_DIR (see `fetalscan explain --help`) writes RUN/explain/"
                   "faithfulness.json and gallery.json; then `fetalscan report RUN_DIR` adds them here",
     }
-    return {"summary": summary, "faithfulness": faith, "gallery": items, "notes": notes}
+    return {"summary": summary, "faithfulness": faith, "gallery": items, "notes": notes, "curves": curves}
 
 
 # --------------------------------------------------------------------------- page

@@ -23,7 +23,9 @@ _HELP = {
 }
 
 
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
+def add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`~fetalscan.evaluate.EvaluationConfig` field (``seed`` excepted:
+    commands take it from ``--seed``). Usable by any command that evaluates, e.g. ``cv``."""
     from ..evaluate import EvaluationConfig
 
     group = p.add_argument_group("evaluation")
@@ -39,11 +41,12 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                                help=f"{_HELP.get(f.name, '')} (default: {f.default})")
 
 
-def _eval_config(args: argparse.Namespace):
+def evaluation_config(args: argparse.Namespace):
+    """The :class:`~fetalscan.evaluate.EvaluationConfig` of parsed arguments (seed from ``--seed``)."""
     from ..evaluate import EvaluationConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluationConfig) if hasattr(args, f.name)}
-    return EvaluationConfig(**values)
+    return EvaluationConfig(**values)  # seed included when the command has --seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal (default: mean)")
     p.add_argument("--normal-class", default="normal", help="name of the normal class (default: normal)")
     p.add_argument("--batch-size", type=int, default=32, help="inference batch size (default: 32)")
-    _add_eval_options(p)
+    p.add_argument("--description", default="", help="what the external set is (centre, device, period, how "
+                   "labels were obtained); shown at the top of the report")
+    add_evaluation_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -68,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "metrics with group-bootstrap CIs, the screening view, calibration, subgroups and the "
                        "shortcut check, and rewrite metrics.json (all keys kept) and report.html.")
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder with predictions.csv")
-    _add_eval_options(p)
+    add_evaluation_options(p)
     p.add_argument("--seed", type=int, default=0, help="bootstrap / permutation seed (default: 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
     p.set_defaults(func=cmd_report)
@@ -99,13 +104,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .core import _load
 
     setup_progress(args)
-    cfg = _eval_config(args)
+    cfg = evaluation_config(args)
     cfg.seed = args.seed
     cfg.validate()
     device = resolve_device(args.device)
     dataset = _load(args, require_labels=False)
     metrics = evaluate_external(args.model, dataset, args.out, cfg, device=device, aggregate=args.aggregate,
-                                normal_class=args.normal_class, batch_size=args.batch_size, overwrite=args.overwrite)
+                                normal_class=args.normal_class, batch_size=args.batch_size, overwrite=args.overwrite,
+                                description=args.description)
     print_summary(metrics)
     info_line(f"wrote {args.out}/ (predictions.csv, patients.csv, metrics.json, report.html)")
     return 0
@@ -115,7 +121,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_run
 
     setup_progress(args)
-    cfg = _eval_config(args)
+    cfg = evaluation_config(args)
     cfg.seed = args.seed
     metrics = evaluate_run(args.run, cfg)
     print_summary(metrics)
