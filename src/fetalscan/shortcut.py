@@ -196,14 +196,22 @@ def _fold_assignment(img: pd.DataFrame, folds: pd.DataFrame | None, seed: int) -
 
     labels, groups = img["label"].astype(str).tolist(), img["group"].astype(str).tolist()
     per_class = groups_per_class(labels, groups)
-    k = min(5, min(per_class.values()))
-    if len(per_class) < 2 or k < 2:
-        raise FetalscanError(f"the probe needs at least two classes with two or more patients each "
-                             f"(groups per class: {per_class})")
+    if len(per_class) < 2 or sum(per_class.values()) < 4:
+        raise FetalscanError(f"the probe needs two classes and at least four patients "
+                             f"(patients per class: {per_class})")
     fold = np.zeros(len(img), dtype=int)
-    for f, idx in enumerate(stratified_group_kfold(labels, groups, k, seed)):
-        fold[idx] = f
-    return fold, f"{k} new stratified grouped folds (no CV folds on these data)"
+    k = min(5, min(per_class.values()))
+    if k >= 2:
+        for f, idx in enumerate(stratified_group_kfold(labels, groups, k, seed)):
+            fold[idx] = f
+        return fold, f"{k} new stratified grouped folds (no CV folds on these data)"
+    # a class with a single patient cannot be stratified: plain grouped folds, seeded
+    k = min(5, len(set(groups)))
+    uniq = np.array(sorted(set(groups)))
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    fold_of = {g: i % k for i, g in enumerate(uniq[order])}
+    return np.array([fold_of[g] for g in groups]), (
+        f"{k} new grouped folds, not stratified (a class has a single patient; no CV folds on these data)")
 
 
 def _pipeline():
