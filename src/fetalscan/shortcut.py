@@ -125,9 +125,10 @@ def image_features(image: np.ndarray, file_bytes: int | None = None, grid: int =
         raise DataError(f"image_features needs an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
     small = cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-    g = small.astype(np.float32).mean(2)
+    r, gr, b = (small[..., i] for i in range(3))  # channel slices: much faster than reductions over axis 2
+    g = (r.astype(np.float32) + gr + b) / 3.0
     g8 = np.clip(g, 0, 255).astype(np.uint8)
-    chroma = small.max(2).astype(np.int16) - small.min(2).astype(np.int16)
+    chroma = np.maximum(np.maximum(r, gr), b).astype(np.int16) - np.minimum(np.minimum(r, gr), b)
     feats: list[float] = [h, w, w / h, math.log(h * w), (8.0 * file_bytes / (h * w)) if file_bytes else 0.0]
     feats += (np.histogram(g, bins=hist_bins, range=(0, 256))[0] / g.size).tolist()
     feats += [g.mean() / 255, g.std() / 255, float((g <= DARK).mean()), float((g >= 245).mean())]
