@@ -225,12 +225,18 @@ def screening_figure(frames: dict, screening: dict) -> str | None:
 
 
 def forest_figure(block: dict, overall: float | None) -> str:
-    """Forest plot: accuracy per subgroup with its bootstrap interval; small subgroups hollow."""
+    """Forest plot: accuracy per subgroup with its interval; small subgroups hollow.
+
+    Patient-level subgroups use the Wilson interval (independent patients; honest
+    for one or two patients, where a bootstrap interval collapses to a point);
+    image-level subgroups use the patient-bootstrap interval.
+    """
     rows = block["rows"]
+    kind = "wilson" if block["level"] == "patient" else "bootstrap"
     fig, ax = _fig(5.6, 0.45 * len(rows) + 1.4)
     for i, r in enumerate(rows):
         y = len(rows) - 1 - i
-        lo, hi = (r.get("accuracy_ci") or {}).get("bootstrap") or [np.nan, np.nan]
+        lo, hi = (r.get("accuracy_ci") or {}).get(kind) or [np.nan, np.nan]
         ax.plot([lo, hi], [y, y], color="#333333", lw=1.2)
         ax.plot([r["accuracy"]], [y], "s", ms=6, color="white" if r["small"] else "#1f77b4",
                 markeredgecolor="#1f77b4")
@@ -238,7 +244,8 @@ def forest_figure(block: dict, overall: float | None) -> str:
                                           for r in rows], fontsize=8)
     if overall is not None and math.isfinite(overall):
         ax.axvline(overall, color="#999999", ls="--", lw=0.8)
-    ax.set(xlim=(0, 1.02), xlabel="accuracy (95% CI, group bootstrap)", title=f"By {block['column']}")
+    ax.set(xlim=(0, 1.02), xlabel="accuracy (95% CI, " + ("Wilson, patients" if kind == "wilson" else
+                                                         "patient bootstrap") + ")", title=f"By {block['column']}")
     return _uri(fig)
 
 
