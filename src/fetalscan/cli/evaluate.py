@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "shortcut check, and rewrite metrics.json (all keys kept) and report.html.")
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder with predictions.csv")
     add_evaluation_options(p)
-    p.add_argument("--seed", type=int, default=0, help="bootstrap / permutation seed (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="bootstrap / permutation seed (default: the run's own seed from metrics.json, else 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
     p.set_defaults(func=cmd_report)
 
@@ -122,11 +123,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     setup_progress(args)
     cfg = evaluation_config(args)
-    cfg.seed = args.seed
+    cfg.seed = args.seed if args.seed is not None else _run_seed(args.run)
     metrics = evaluate_run(args.run, cfg)
     print_summary(metrics)
     info_line(f"wrote {args.run}/report.html and {args.run}/metrics.json")
     return 0
+
+
+def _run_seed(run: Path) -> int:
+    """The seed recorded in a run's metrics.json (0 when absent or unreadable)."""
+    import json
+
+    try:
+        seed = json.loads((Path(run) / "metrics.json").read_text(encoding="utf-8"))["provenance"]["seed"]
+        return int(seed) if seed is not None else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
