@@ -1,0 +1,251 @@
+"""``fetalscan biometry train | predict | evaluate`` and ``fetalscan view``.
+
+- ``biometry train``: head segmenter on an HC18-style manifest -> ``DIR/model.pt``
+  (optionally holding out a share of the exams for ``evaluate --split holdout``).
+- ``biometry predict``: HC, BPD, OFD and gestational age of images, with an overlay
+  PNG per image and ``measurements.csv``.
+- ``biometry evaluate``: HC18-style scores (Dice, Hausdorff, HC difference) either
+  from grouped cross-validation (no ``--model``: one segmenter per fold) or of a
+  trained ``--model`` on a manifest.
+- ``view``: the standard plane (SonoNet-16) of each image and its confidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ._ui import add_runtime_options, info_line, print_table, setup_progress, warn_line
+
+_HELP = {
+    "encoder": "U-Net encoder (segmentation_models_pytorch): mobilenet_v2, resnet18, resnet34, efficientnet-b0 ...",
+    "decoder_channels": "five decoder widths, comma-separated",
+    "input_height": "network input height (multiple of 32); images are resized, logits upsampled back",
+    "input_width": "network input width (multiple of 32)",
+    "pretrained": "encoder weights: none (offline) or imagenet (downloaded once by the library)",
+    "epochs": "maximum training epochs (early stopping on the inner-validation HC difference)",
+    "batch_size": "mini-batch size",
+    "lr": "peak learning rate (AdamW, one-cycle schedule)",
+    "weight_decay": "AdamW weight decay",
+    "patience": "epochs without inner-validation improvement before stopping",
+    "augment": "joint geometric (image + mask) and intensity augmentation",
+    "rotate_deg": "maximum augmentation rotation in degrees",
+    "val_fraction": "share of the training exams held out as the inner validation split",
+}
+_SKIP = {"seed", "device"}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from ..biometry_train import BiometryTrainConfig
+
+    group = p.add_argument_group("training")
+    for f in dataclasses.fields(BiometryTrainConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
+        else:
+            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
+
+
+def _train_config(args: argparse.Namespace):
+    from ..biometry_train import BiometryTrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BiometryTrainConfig) if hasattr(args, f.name)}
+    return BiometryTrainConfig(**values)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bio = sub.add_parser("biometry", help="fetal head biometry: segmentation -> ellipse -> HC/BPD/OFD -> GA",
+                         description="Fetal head biometry on HC18-style data (image,mask,exam,pixel_size_mm,hc_mm). "
+                         "Measurements support, and never replace, the sonographer's measurement.")
+    bsub = bio.add_subparsers(dest="biometry_command", metavar="SUBCOMMAND", required=True)
+
+    p = bsub.add_parser("train", help="train the head segmenter -> DIR/model.pt",
+                        description="Train a U-Net head segmenter with an inner validation split of exams "
+                        "(early stopping and calibration); optionally hold out a share of the exams for "
+                        "`biometry evaluate --split holdout`.")
+    p.add_argument("--data", type=Path, required=True, help="manifest CSV: image,mask,exam,pixel_size_mm,hc_mm")
+    p.add_argument("--holdout-fraction", type=float, default=0.0,
+                   help="share of the exams kept out of training entirely, for a held-out evaluation (default: 0)")
+    _add_train_options(p)
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = bsub.add_parser("predict", help="measure HC, BPD, OFD and GA on images; overlay PNGs",
+                        description="Segment the head, fit an ellipse and measure it. Pixel size comes from "
+                        "--pixel-size, a manifest column (pixel_size_mm / pixel_spacing_mm) or the DICOM "
+                        "calibration; without it values are in pixels (with a warning) and no GA is given.")
+    p.add_argument("--model", type=Path, required=True, help="segmenter written by `fetalscan biometry train`")
+    p.add_argument("--data", type=Path, required=True,
+                   help="an image, DICOM, video, folder, or manifest (image/path column)")
+    p.add_argument("--pixel-size", type=float, default=None,
+                   help="mm per pixel for every image (overrides nothing: manifest/DICOM values win)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
+                   help="inference engine (default: onnx on CPU, torch on CUDA)")
+    p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = bsub.add_parser("evaluate", help="HC18-style scores: grouped CV (default) or a trained --model",
+                        description="Without --model: grouped k-fold cross-validation by exam (one segmenter per "
+                        "fold, out-of-fold scores). With --model: score that segmenter on the manifest "
+                        "(--split holdout keeps only the exams it held out). Writes biometry_metrics.json, "
+                        "biometry_images.csv, bland_altman.png and report.html.")
+    p.add_argument("--data", type=Path, required=True, help="manifest CSV: image,mask,exam,pixel_size_mm,hc_mm")
+    p.add_argument("--model", type=Path, default=None, help="a trained segmenter (else: cross-validation)")
+    p.add_argument("--split", default="all", choices=("all", "holdout"),
+                   help="with --model: all rows (refused if any was used in training) or the held-out exams")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"), help="inference engine with --model")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by exam (default: 5)")
+    p.add_argument("--save-models", action="store_true", help="cross-validation: also save each fold's model")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (exams) for the 95%% CIs")
+    _add_train_options(p)
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("view", help="standard plane of each image (SonoNet-16) and its confidence",
+                       description="Classify images into the 13 fetal standard planes or background with the "
+                       "bundled SonoNet-16. Crop rule: 975x735 screenshots (GE Voluson E8 layout) are cropped to "
+                       "the scanner frame; other sizes are used whole unless --crop gives a box.")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--crop", default="auto", help="auto, none, or x0,y0,x1,y1 in pixels (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--top", type=int, default=1, help="also list the next most likely planes (default: 1)")
+    p.set_defaults(func=cmd_view)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _print_metrics(m: dict, title: str) -> None:
+    rows = []
+    for key, label, digits in (("dice", "Dice (fitted ellipse)", 4), ("dice_raw", "Dice (raw mask)", 4),
+                               ("hausdorff_mm", "Hausdorff (mm)", 2), ("hc_abs_diff_mm", "|HC difference| (mm)", 2),
+                               ("hc_diff_mm", "HC difference (mm)", 2),
+                               ("hc_ref_mask_fit_diff_mm", "HC fit on reference masks (mm)", 2)):
+        lo, hi = m[f"{key}_mean_ci95"]
+        ci = "-" if lo is None or hi is None or lo != lo else f"{lo:.{digits}f} – {hi:.{digits}f}"
+        rows.append([label, f"{m[f'{key}_mean']:.{digits}f}", f"{m[f'{key}_sd']:.{digits}f}", ci, m[f"{key}_n"]])
+    print_table(title, ["measure", "mean", "SD", "95% CI (exams)", "n"], rows)
+    info_line(f"{m['n_images']} images, {m['n_exams']} exams; no head found in {m['n_no_head']}. "
+              f"HC difference mean ± SD: {m['hc_abs_diff_mm_mean']:.2f} ± {m['hc_abs_diff_mm_sd']:.2f} mm "
+              f"(absolute), {m['hc_diff_mm_mean']:+.2f} ± {m['hc_diff_mm_sd']:.2f} mm (signed); "
+              f"goal ≤ {m['goal_hc_abs_diff_mm']:.1f} mm: {'met' if m['goal_met'] else 'not met'}.")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..biometry_train import load_biometry_manifest, train_final
+
+    setup_progress(args)
+    cfg = _train_config(args)
+    cfg.seed, cfg.device = args.seed, args.device
+    items = load_biometry_manifest(args.data)
+    s = train_final(items, cfg, args.out, holdout_fraction=args.holdout_fraction, overwrite=args.overwrite,
+                    manifest=str(args.data))
+    fit, cal = s["fit"], s["calibration"]
+    info_line(f"model: {s['model']} (best epoch {fit['best_epoch']} of {fit['epochs_run']}; inner-validation "
+              f"|HC difference| {fit['best_val_hc_abs_diff_mm']:.2f} mm; axis offset {cal['axis_offset_px']:+.2f} px)")
+    if args.holdout_fraction > 0:
+        info_line(f"{s['split']['n_holdout_images']} images of {len(s['split']['holdout_exams'])} exams held out: "
+                  f"score them with `fetalscan biometry evaluate --model {s['model']} --data {args.data} "
+                  "--split holdout`")
+    return 0
+
+
+def _pixel_size(record, default: float | None) -> float | None:
+    value = record.pixel_spacing_mm
+    if value is None:
+        raw = (record.extra or {}).get("pixel_size_mm", "")
+        value = float(raw) if raw not in ("", None) else None
+    return value if value is not None else default
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ..biometry import HeadSegmenter, save_overlay
+    from ..data import iter_record_images, load_dataset
+    from ..fileio import prepare_out_dir, write_csv
+    from ..runtime import resolve_device
+
+    setup_progress(args)
+    seg = HeadSegmenter.load(args.model, resolve_device(args.device), args.backend)
+    records = _prediction_records(args.data, args.every_nth, load_dataset)
+    out = prepare_out_dir(args.out, args.overwrite)
+    rows, missing_ps = [], 0
+    for i, image in iter_record_images(records):
+        r = records[i]
+        ps = _pixel_size(r, args.pixel_size)
+        missing_ps += ps is None
+        m = seg.measure(image, ps, where=r.image_id)
+        stem = Path(r.name).stem + (f"_frame{r.frame}" if r.frame is not None else "")
+        overlay = out / "overlays" / f"{i:05d}_{stem}.png"
+        save_overlay(overlay, image, m)
+        rows.append({"image": r.image_id, "path": str(r.path), "frame": r.frame, **m.to_row(),
+                     "overlay": str(overlay.relative_to(out))})
+        info_line(f"{r.image_id}: {m.summary()}")
+    write_csv(out / "measurements.csv", pd.DataFrame(rows))
+    if missing_ps:
+        warn_line(f"{missing_ps} image(s) without a pixel size: their HC/BPD/OFD are in pixels and no gestational "
+                  "age is given (pass --pixel-size or a pixel_size_mm manifest column)")
+    info_line(f"{len(rows)} image(s) -> {out}/measurements.csv and {out}/overlays/. "
+              "Measurements support, and never replace, the sonographer's.")
+    return 0
+
+
+def _prediction_records(data: Path, every_nth: int, load_dataset):
+    """Records of an image / folder / DICOM / video / manifest; an HC18 manifest (image column) is accepted."""
+    import csv
+
+    from ..biometry_train import load_biometry_manifest
+    from ..data import Record
+
+    if data.suffix.lower() == ".csv" and data.is_file():
+        with open(data, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+        if "image" in header and "path" not in header:
+            items = load_biometry_manifest(data, require_masks=False)
+            return [Record(it.image, None, it.exam, it.name, pixel_spacing_mm=it.pixel_size_mm,
+                           source_row=it.line) for it in items]
+    return load_dataset(data, require_labels=False, every_nth=every_nth).records
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..biometry_train import cross_validate, evaluate_checkpoint, load_biometry_manifest
+
+    setup_progress(args)
+    items = load_biometry_manifest(args.data)
+    if args.model is not None:
+        m = evaluate_checkpoint(args.model, items, args.out, split=args.split, device=args.device,
+                                backend=args.backend, overwrite=args.overwrite, n_boot=args.n_boot, seed=args.seed,
+                                manifest=str(args.data))
+        _print_metrics(m, f"{m['evaluation']}")
+    else:
+        cfg = _train_config(args)
+        cfg.seed, cfg.device = args.seed, args.device
+        m = cross_validate(items, cfg, args.out, folds=args.folds, overwrite=args.overwrite, n_boot=args.n_boot,
+                           manifest=str(args.data), save_models=args.save_models)
+        _print_metrics(m, f"Grouped {args.folds}-fold cross-validation by exam (out-of-fold)")
+    info_line(f"wrote {args.out}/ (biometry_metrics.json, biometry_images.csv, bland_altman.png, report.html)")
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from ..quality import classify_files, parse_crop
+    from ..runtime import resolve_device
+
+    crop = parse_crop(args.crop)
+    results = classify_files(args.images, resolve_device(args.device), crop=crop)
+    rows = []
+    for path, r in zip(args.images, results):
+        others = sorted(r.probabilities.items(), key=lambda kv: -kv[1])[1:max(args.top, 1)]
+        rows.append([path.name, r.plane, f"{r.confidence:.2f}", "yes" if r.is_brain else "no", r.crop,
+                     ", ".join(f"{k} {v:.2f}" for k, v in others) or "-"])
+    print_table("Standard plane (SonoNet-16)", ["image", "plane", "confidence", "brain plane", "crop", "next"], rows)
+    info_line("The plane gate supports, and never replaces, the sonographer's judgement of the plane.")
+    return 0
