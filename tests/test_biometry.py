@@ -365,11 +365,14 @@ def test_predict_writes_overlay_and_measurements(trained, hc18_small, tmp_path, 
         first = next(csv.DictReader(fh))
     out = tmp_path / "pred"
     assert main(["biometry", "predict", "--model", str(trained / "model.pt"), "--data", first["image"],
-                 "--out", str(out), "--pixel-size", first["pixel_size_mm"], "--device", "cpu"]) == 0
+                 "--out", str(out), "--pixel-size", first["pixel_size_mm"], "--device", "cpu", "--plane-check"]) == 0
     with open(out / "measurements.csv") as fh:
         (row,) = list(csv.DictReader(fh))
-    for col in ("hc_mm", "bpd_mm", "ofd_mm", "ga_weeks", "status", "overlay"):
+    for col in ("hc_mm", "bpd_mm", "ofd_mm", "ga_weeks", "status", "overlay", "plane", "plane_confidence"):
         assert col in row
+    assert row["status"] in ("ok", "no_head")
+    if row["status"] == "ok":
+        assert float(row["hc_mm"]) > 0 and row["unit"] == "mm"
     overlay = np.asarray(Image.open(out / row["overlay"]))
     assert overlay.shape[:2] == (540, 800)
     # without a pixel size: pixels and a warning, never mm

@@ -88,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
                    help="inference engine (default: onnx on CPU, torch on CUDA)")
     p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
+    p.add_argument("--plane-check", action="store_true",
+                   help="also name the standard plane (SonoNet-16) and flag images that are not a brain plane "
+                        "(the measurement is still made and reported)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -174,22 +177,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..runtime import resolve_device
 
     setup_progress(args)
-    seg = HeadSegmenter.load(args.model, resolve_device(args.device), args.backend)
+    device = resolve_device(args.device)
+    seg = HeadSegmenter.load(args.model, device, args.backend)
     records = _prediction_records(args.data, args.every_nth, load_dataset)
     out = prepare_out_dir(args.out, args.overwrite)
-    rows, missing_ps = [], 0
+    rows, missing_ps, off_plane = [], 0, 0
     for i, image in iter_record_images(records):
         r = records[i]
         ps = _pixel_size(r, args.pixel_size)
         missing_ps += ps is None
         m = seg.measure(image, ps, where=r.image_id)
+        plane = {}
+        if args.plane_check:
+            from ..quality import classify_planes
+
+            (pr,) = classify_planes([image], device)
+            plane = {"plane": pr.plane, "plane_confidence": pr.confidence, "brain_plane": pr.is_brain}
+            if not pr.is_brain:
+                off_plane += 1
+                m.warnings.append(f"{r.image_id}: SonoNet reads the plane as {pr.plane} ({pr.confidence:.2f}), "
+                                  "not a brain plane; HC is defined on the transventricular plane")
         stem = Path(r.name).stem + (f"_frame{r.frame}" if r.frame is not None else "")
         overlay = out / "overlays" / f"{i:05d}_{stem}.png"
         save_overlay(overlay, image, m)
-        rows.append({"image": r.image_id, "path": str(r.path), "frame": r.frame, **m.to_row(),
+        rows.append({"image": r.image_id, "path": str(r.path), "frame": r.frame, **m.to_row(), **plane,
                      "overlay": str(overlay.relative_to(out))})
-        info_line(f"{r.image_id}: {m.summary()}")
+        info_line(f"{r.image_id}: {m.summary()}" + (f" [plane: {plane['plane']} {plane['plane_confidence']:.2f}]"
+                                                     if plane else ""))
     write_csv(out / "measurements.csv", pd.DataFrame(rows))
+    if off_plane:
+        warn_line(f"{off_plane} image(s) are not read as a brain plane by SonoNet-16; check their overlays "
+                  "(see the 'plane' column)")
     if missing_ps:
         warn_line(f"{missing_ps} image(s) without a pixel size: their HC/BPD/OFD are in pixels and no gestational "
                   "age is given (pass --pixel-size or a pixel_size_mm manifest column)")
