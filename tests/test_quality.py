@@ -96,3 +96,11 @@ def test_view_command_prints_plane_and_confidence(example_files, capsys):
     assert main(["view", *map(str, wanted)]) == 0
     out = capsys.readouterr().out
     assert "Brain (Tv.)" in out and "Femur" in out and "1.00" in out
+
+
+def test_view_command_reports_a_missing_file_as_one_error_line(tmp_path, capsys):
+    from fetalscan.cli import main
+
+    assert main(["view", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.png" in err and "Traceback" not in err

@@ -115,7 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Classify images into the 13 fetal standard planes or background with the "
                        "bundled SonoNet-16. Crop rule: 975x735 screenshots (GE Voluson E8 layout) are cropped to "
                        "the scanner frame; other sizes are used whole unless --crop gives a box.")
-    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("images", nargs="+", type=Path, help="image, DICOM or video files, or folders of them")
+    p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
     p.add_argument("--crop", default="auto", help="auto, none, or x0,y0,x1,y1 in pixels (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--top", type=int, default=1, help="also list the next most likely planes (default: 1)")
@@ -254,15 +255,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from ..quality import classify_files, parse_crop
+    from ..data import iter_record_images, load_dataset
+    from ..quality import classify_planes, parse_crop
     from ..runtime import resolve_device
 
     crop = parse_crop(args.crop)
-    results = classify_files(args.images, resolve_device(args.device), crop=crop)
+    device = resolve_device(args.device)
+    records = [r for p in args.images for r in load_dataset(p, require_labels=False, every_nth=args.every_nth).records]
+    images: list = [None] * len(records)
+    for i, image in iter_record_images(records):
+        images[i] = image
+    results = classify_planes(images, device, crop=crop)
     rows = []
-    for path, r in zip(args.images, results):
+    for rec, r in zip(records, results):
+        name = rec.path.name + (f"#{rec.frame}" if rec.frame is not None else "")
         others = sorted(r.probabilities.items(), key=lambda kv: -kv[1])[1:max(args.top, 1)]
-        rows.append([path.name, r.plane, f"{r.confidence:.2f}", "yes" if r.is_brain else "no", r.crop,
+        rows.append([name, r.plane, f"{r.confidence:.2f}", "yes" if r.is_brain else "no", r.crop,
                      ", ".join(f"{k} {v:.2f}" for k, v in others) or "-"])
     print_table("Standard plane (SonoNet-16)", ["image", "plane", "confidence", "brain plane", "crop", "next"], rows)
     info_line("The plane gate supports, and never replaces, the sonographer's judgement of the plane.")
