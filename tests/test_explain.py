@@ -306,3 +306,18 @@ def test_cli_explain_run_writes_gallery_and_faithfulness_with_fold_models(toy_ru
     assert entry["energy_in_head"] is None and entry["n_images"] == 2
     assert faith["models"]["reproduced"], faith["models"]
     assert any("fold model" in n for n in faith["notes"])
+
+
+def test_eigencam_is_the_library_projection_oriented_towards_strong_activations():
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from fetalscan.explain import eigen_projection
+
+    for channels in (16, 200):  # fewer and more channels than the 63 pixels
+        act = np.abs(np.random.default_rng(channels).normal(size=(4, channels, 7, 9))).astype(np.float32)
+        act[:, : channels // 2, 1:4, 2:6] += 3.0  # strong features in one block
+        ours, lib = eigen_projection(act), get_2d_projection(act)
+        for a, b in zip(ours, lib):
+            assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) > 0.999  # same component, up to sign
+            assert np.abs(a).max() == pytest.approx(np.abs(b).max(), rel=1e-4)  # same scale
+            assert a[1:4, 2:6].mean() > a.mean()  # oriented: high where activations are strong
