@@ -220,8 +220,11 @@ def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path,
 # --------------------------------------------------------------------------- cv
 
 
-def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False) -> dict:
-    """Grouped cross-validation; writes the run folder and returns ``metrics.json``'s content."""
+def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False,
+           eval_cfg=None) -> dict:
+    """Grouped cross-validation; writes the run folder, evaluates it (``report.html``) and
+    returns ``metrics.json``'s content. ``eval_cfg`` is an
+    :class:`~fetalscan.evaluate.EvaluationConfig` (default: its defaults with ``cfg.seed``)."""
     cfg.validate()
     cv.validate()
     out = check_out_dir(out, overwrite)
@@ -268,7 +271,9 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, ov
     write_csv(out / "predictions.csv", preds)
     write_csv(out / "patients.csv", patients)
     write_json(out / "metrics.json", metrics)
-    return metrics
+    from .evaluate import EvaluationConfig, evaluate_run
+
+    return evaluate_run(out, eval_cfg or EvaluationConfig(seed=cfg.seed))
 
 
 def _all_aggregations(preds: pd.DataFrame, classes: list[str], normal_class: str) -> dict:
@@ -312,6 +317,10 @@ def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path,
     assert get_head(model) is not None
     val_df = predictions_frame([dataset.records[i] for i in fold.inner_val], val_probs, dataset.classes)
     write_csv(out / "inner_val_predictions.csv", val_df)
+    from .evaluate import final_model_calibration
+
+    calibration = final_model_calibration(val_df, dataset.classes, normal_class=cv.normal_class,
+                                          aggregate=cv.aggregate)
     prov = provenance(cfg.seed, dataset.data_hash(), device=str(device), data_source=dataset.source)
     training = {
         "config": cfg.to_dict(),
@@ -324,10 +333,11 @@ def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path,
     path = save_checkpoint(
         out / "model.pt", model, classes=dataset.classes, architecture=architecture_of(cfg, n),
         preprocessing=get_backbone_spec(cfg.backbone).preprocessing, training=training,
-        provenance=prov, class_map=_class_map(dataset),
+        provenance=prov, class_map=_class_map(dataset), calibration=calibration,
     )
     summary = {"model": str(path), "classes": dataset.classes, "best_epoch": fit.best_epoch,
                "inner_val_loss": fit.best_val_loss, "epochs_run": fit.epochs_run,
-               "audit_passed": audit["passed"], "notes": dataset.notes, "provenance": prov}
+               "audit_passed": audit["passed"], "notes": dataset.notes, "calibration": calibration,
+               "provenance": prov}
     write_json(out / "train.json", summary)
     return summary

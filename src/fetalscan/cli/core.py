@@ -79,6 +79,7 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None
 def register(sub: argparse._SubParsersAction) -> None:
     from ..pipeline import CVConfig
     from ..train import TrainConfig
+    from .evaluate import add_evaluation_options
 
     p = sub.add_parser("cv", help="grouped cross-validation -> out-of-fold predictions and metrics",
                        description="Leak-free grouped cross-validation: stratified group k-fold or "
@@ -87,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_data_options(p)
     _add_dataclass_options(p, TrainConfig)
     _add_dataclass_options(p, CVConfig)
+    add_evaluation_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_cv)
 
@@ -143,13 +145,14 @@ def _configs(args: argparse.Namespace):
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from ..pipeline import run_cv
+    from .evaluate import evaluation_config
 
     setup_progress(args)
     dataset = _load(args)
     cfg, cv = _configs(args)
-    metrics = run_cv(dataset, cfg, cv, args.out, overwrite=args.overwrite)
+    metrics = run_cv(dataset, cfg, cv, args.out, overwrite=args.overwrite, eval_cfg=evaluation_config(args))
     _print_summary(metrics)
-    info_line(f"wrote {args.out}/ (predictions.csv, patients.csv, metrics.json, audit.json)")
+    info_line(f"wrote {args.out}/ (report.html, metrics.json, predictions.csv, patients.csv, audit.json)")
     return 0
 
 
@@ -203,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics = run_cv(dataset, cfg, cv, args.out, overwrite=True)
     _print_summary(metrics)
     run_train(load_dataset(manifest), cfg, cv, args.out, overwrite=True)
-    info_line(f"wrote {args.out}/: metrics.json, predictions.csv, patients.csv, audit.json, model.pt")
+    info_line(f"wrote {args.out}/: report.html, metrics.json, predictions.csv, patients.csv, audit.json, model.pt")
     info_line("Caveat: in this sample every normal comes from a different source than the anomalies, "
               "so normal-vs-abnormal separation may reflect image source, not anatomy (see README).")
     return 0
@@ -221,20 +224,33 @@ def _embedded_manifest() -> Path:
                     "run from the repository root or pass --data")
 
 
+def _with_ci(block: dict, key: str) -> str:
+    """``0.757 (0.678-0.846)`` from a metrics block and its bootstrap CI, when present."""
+    value = block.get(key)
+    if value is None or value != value:
+        return "-"
+    ci = (block.get("ci") or {}).get(key, {}).get("bootstrap")
+    return f"{value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "")
+
+
 def _print_summary(metrics: dict) -> None:
     for note in metrics["task"]["notes"]:
         warn_line(note)
     img, pat = metrics["image_level"], metrics["patient_level"]
-    rows = [
-        ["accuracy", img["accuracy"], pat["accuracy"]],
-        ["balanced accuracy", img["balanced_accuracy"], pat["balanced_accuracy"]],
-        ["macro AUROC", img["macro_auroc"], pat["macro_auroc"]],
-        ["n", img["n"], pat["n"]],
-    ]
+    rows = [[name, _with_ci(img, key), _with_ci(pat, key)]
+            for name, key in (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"),
+                              ("macro AUROC", "macro_auroc"))]
+    rows.append(["n", img["n"], pat["n"]])
     print_table(f"Out-of-fold results ({metrics['cv']['scheme']}, {metrics['cv']['n_folds_run']} folds; "
-                f"patient level = {metrics['cv']['aggregate']})", ["metric", "image level", "patient level"], rows)
+                f"patient level = {metrics['cv']['aggregate']}; 95% CI: patient bootstrap)",
+                ["metric", "image level", "patient level"], rows)
     per = [[c, img["per_class"][c]["n"], img["per_class"][c]["sensitivity"], img["per_class"][c]["specificity"],
             img["per_class"][c]["auroc"], pat["per_class"][c]["n"], pat["per_class"][c]["sensitivity"],
             pat["per_class"][c]["specificity"]] for c in metrics["task"]["classes"]]
     print_table("Per class", ["class", "images", "sensitivity", "specificity", "AUROC",
                               "patients", "pt sensitivity", "pt specificity"], per)
+    for comp in (metrics.get("shortcut") or {}).get("comparisons", []):
+        if comp.get("warning"):
+            warn_line(f"shortcut check: a probe that sees no anatomy reaches {comp['metric']} "
+                      f"{comp['probe']:.3f} vs the model's {comp['model']:.3f}; the classes may be "
+                      "separable by image source (see report.html)")
