@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 
@@ -77,3 +78,26 @@ def setup_progress(args: argparse.Namespace) -> None:
 
     want = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
     progress.enable(bool(want))
+
+
+def add_dataclass_options(p: argparse.ArgumentParser, cls, help: Mapping[str, str], *, title: str | None = None,
+                          skip: Collection[str] = (), rename: Mapping[str, str] | None = None) -> None:
+    """One flag per field of a config dataclass (``--field-name``, booleans as ``--x/--no-x``),
+    with the field's default shown; so the CLI maps onto the config 1:1."""
+    group = p.add_argument_group(title or cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + (rename or {}).get(f.name, f.name).replace("_", "-")
+        text = f"{help.get(f.name, '')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=text)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
+    """Build a config dataclass from the parsed flags that exist for its fields."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)

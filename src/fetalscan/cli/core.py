@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from ._ui import add_runtime_options, info_line, print_table, setup_progress, warn_line
+from ._ui import (
+    add_dataclass_options,
+    add_runtime_options,
+    dataclass_from_args,
+    info_line,
+    print_table,
+    setup_progress,
+    warn_line,
+)
 
 # help for each TrainConfig / CVConfig field; flags are generated 1:1 from the dataclasses
 _HELP = {
@@ -45,25 +52,6 @@ _SKIP = {"seed", "device"}  # provided by add_runtime_options
 _RENAME = {"scheme": "cv"}
 
 
-def _add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
-    group = p.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in _SKIP:
-            continue
-        flag = "--" + _RENAME.get(f.name, f.name).replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                               help=f"{_HELP.get(f.name, '')} (default: {default})")
-        else:
-            group.add_argument(flag, dest=f.name, type=type(default), default=default,
-                               help=f"{_HELP.get(f.name, '')} (default: {default})")
-
-
-def _config(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
 def _add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", type=Path, required=required,
                    help="manifest CSV (path,label,group[,ga_weeks,center,device,view]), folder-per-class "
@@ -86,8 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "leave-one-group-out, inner validation split for early stopping, leakage audit, "
                        "out-of-fold image- and patient-level predictions and metrics.")
     _add_data_options(p)
-    _add_dataclass_options(p, TrainConfig)
-    _add_dataclass_options(p, CVConfig)
+    add_dataclass_options(p, TrainConfig, _HELP, skip=_SKIP, rename=_RENAME)
+    add_dataclass_options(p, CVConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_evaluation_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_cv)
@@ -96,8 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train one model on all data (inner split for early stopping); "
                        "the class policy matches `cv` with the same --folds / --cv.")
     _add_data_options(p)
-    _add_dataclass_options(p, TrainConfig)
-    _add_dataclass_options(p, CVConfig)
+    add_dataclass_options(p, TrainConfig, _HELP, skip=_SKIP, rename=_RENAME)
+    add_dataclass_options(p, CVConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_runtime_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -138,9 +126,8 @@ def _configs(args: argparse.Namespace):
     from ..pipeline import CVConfig
     from ..train import TrainConfig
 
-    cfg = _config(TrainConfig, args)
-    cfg.seed, cfg.device = args.seed, args.device
-    return cfg, _config(CVConfig, args)
+    cfg = dataclass_from_args(TrainConfig, args, seed=args.seed, device=args.device)
+    return cfg, dataclass_from_args(CVConfig, args)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:

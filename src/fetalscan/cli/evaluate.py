@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from ._ui import add_runtime_options, info_line, print_table, setup_progress, warn_line
+from ._ui import (
+    add_dataclass_options,
+    add_runtime_options,
+    dataclass_from_args,
+    info_line,
+    print_table,
+    setup_progress,
+    warn_line,
+)
 
 _HELP = {
     "n_boot": "bootstrap resamples of patients (groups) for every confidence interval",
@@ -28,25 +35,14 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     commands take it from ``--seed``). Usable by any command that evaluates, e.g. ``cv``."""
     from ..evaluate import EvaluationConfig
 
-    group = p.add_argument_group("evaluation")
-    for f in dataclasses.fields(EvaluationConfig):
-        if f.name == "seed":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
-        else:
-            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
-                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
+    add_dataclass_options(p, EvaluationConfig, _HELP, title="evaluation", skip={"seed"})
 
 
 def evaluation_config(args: argparse.Namespace):
     """The :class:`~fetalscan.evaluate.EvaluationConfig` of parsed arguments (seed from ``--seed``)."""
     from ..evaluate import EvaluationConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluationConfig) if hasattr(args, f.name)}
-    return EvaluationConfig(**values)  # seed included when the command has --seed
+    return dataclass_from_args(EvaluationConfig, args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
