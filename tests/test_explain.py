@@ -261,8 +261,14 @@ def test_cli_explain_images_writes_readable_overlays_at_original_size(toy_run, t
     images = [*sorted((manifest.parent / "abnormal").glob("*.png"))[:1], manifest.parent / "normal"]
     out = tmp_path / "ex"
     code = main(["explain", "--model", str(model), "--images", *map(str, images), "--out", str(out),
-                 "--method", "gradcam++", "--alpha", "0.7", "--device", "cpu"])
+                 "--method", "gradcam++", "--alpha", "0.7", "--device", "cpu", "--faithfulness",
+                 "--methods", "eigencam", "--n-images", "2", "--steps", "2", "--random-maps", "1",
+                 "--randomisation-images", "1", "--head-masks", "none", "--n-boot", "20"])
     assert code == 0
+    faith = json.loads((out / "faithfulness.json").read_text())
+    assert faith["methods"]["eigencam"]["n_images"] == 2
+    assert faith["methods"]["eigencam"]["randomisation_cascade"][0]["spearman"] == pytest.approx(1.0)  # head-blind
+    assert (out / "faithfulness_curves.png").is_file()
     table = pd.read_csv(out / "explanations.csv")
     assert len(table) == 6 and set(table["method"]) == {"gradcam++"}  # a file and a folder of 5
     for _, row in table.iterrows():
@@ -321,3 +327,17 @@ def test_eigencam_is_the_library_projection_oriented_towards_strong_activations(
             assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) > 0.999  # same component, up to sign
             assert np.abs(a).max() == pytest.approx(np.abs(b).max(), rel=1e-4)  # same scale
             assert a[1:4, 2:6].mean() > a.mean()  # oriented: high where activations are strong
+
+
+def test_cli_explain_run_without_folds_needs_the_model_and_says_what_it_cannot_know(toy_run, tmp_path, capsys):
+    manifest, _, model = toy_run
+    pred = tmp_path / "pred"
+    assert main(["predict", "--model", str(model), "--data", str(manifest), "--out", str(pred),
+                 "--device", "cpu"]) == 0
+    assert main(["explain", "--run", str(pred), "--no-faithfulness", "--device", "cpu"]) == 2
+    assert "has no folds" in capsys.readouterr().err
+    assert main(["explain", "--run", str(pred), "--model", str(model), "--no-faithfulness",
+                 "--gallery-per-kind", "1", "--device", "cpu"]) == 0
+    gallery = json.loads((pred / "explain" / "gallery.json").read_text())
+    assert gallery and all(item["model"] == "the given model" for item in gallery)
+    assert "cannot be told" in capsys.readouterr().err

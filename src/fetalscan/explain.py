@@ -853,8 +853,8 @@ def sample_rows(preds, n: int, seed: int = 0) -> list:
     return picked
 
 
-def _models_for_run(run_dir: Path, model_path, classes, device):
-    """fold -> LoadedModel (or one final model for every fold), and a description."""
+def _models_for_run(run_dir: Path, model_path, classes, device, has_folds: bool = True):
+    """fold -> LoadedModel (or one given model for every row), and a description of it."""
     from .checkpoint import load_checkpoint
 
     if model_path is not None:
@@ -862,14 +862,25 @@ def _models_for_run(run_dir: Path, model_path, classes, device):
         if list(loaded.classes) != list(classes):
             raise FetalscanError(f"--model {model_path} has classes {loaded.classes} but the run "
                                  f"{run_dir} has {list(classes)}; use the model trained with the same data")
-        info = {"source": f"final model {model_path}", "held_out": False,
-                "note": "Heatmaps come from the final model, whose training data include these images: "
-                        "a true positive here is not a held-out success."}
-        return (lambda fold: loaded), info, {None: loaded}
+        if has_folds:
+            info = {"source": f"final model {model_path}", "held_out": False,
+                    "origin": "final model (image in its training data)",
+                    "note": "Heatmaps come from the final model, whose training data include these images: "
+                            "a true positive here is not a held-out success."}
+        else:
+            info = {"source": f"model {model_path}", "held_out": None, "origin": "the given model",
+                    "note": "Heatmaps come from the given model; these predictions have no cross-validation "
+                            "folds (e.g. an external validation), so whether an image was in the model's "
+                            "training data cannot be told from the run folder."}
+        return (lambda fold: loaded), info
+    if not has_folds:
+        raise FetalscanError(f"{run_dir}/predictions.csv has no folds (not a `fetalscan cv` run); pass --model "
+                             "with the checkpoint that made these predictions")
     models, info = fold_models_from_run(run_dir, device)
-    info.update(held_out=True, note="Each heatmap comes from the fold model that held the image out "
-                "(re-trained from the run's own splits).")
-    return (lambda fold: models[int(fold)]), info, models
+    info.update(held_out=True, origin="fold {fold} model (image held out)",
+                note="Each heatmap comes from the fold model that held the image out "
+                     "(re-trained from the run's own splits).")
+    return (lambda fold: models[int(fold)]), info
 
 
 def explain_run(run_dir: str | Path, cfg: ExplainConfig | None = None, fcfg=None, *,
@@ -914,7 +925,8 @@ def explain_run(run_dir: str | Path, cfg: ExplainConfig | None = None, fcfg=None
         fcfg.validate()
     out = prepare_out_dir(Path(out) if out else run_dir / "explain", overwrite)
     device = torch.device(device)
-    model_of, info, models = _models_for_run(run_dir, model_path, classes, device)
+    has_folds = "fold" in preds.columns and preds["fold"].notna().any()
+    model_of, info = _models_for_run(run_dir, model_path, classes, device, has_folds)
     gallery = _write_gallery(run_dir, out, preds, classes, cfg, per_kind, model_of, info, device)
     write_json(out / "gallery.json", gallery)
     faith = None
@@ -938,8 +950,7 @@ def _write_gallery(run_dir, out, preds, classes, cfg, per_kind, model_of, info, 
 
         image = read_record_image(rec)
         exp = explain_arrays(loaded, [image], cfg, device)[0]
-        held = info.get("held_out")
-        origin = f"fold {int(fold)} model (image held out)" if held else "final model (image in its training data)"
+        origin = info["origin"].format(fold=fold if fold is None or fold != fold else int(fold))
         stem = f"{n:02d}_{pick['kind']}_{safe_stem(pick['class'])}_{safe_stem(Path(rec.image_id).name)}"
         original = row.get("label_original")
         shown = rec.label or ""
@@ -973,7 +984,7 @@ def _run_faithfulness(run_dir, out, preds, fcfg, cfg, model_of, info, device) ->
         by_fold.setdefault(key, []).append(run_record(preds.loc[r]))
     units = []
     for fold, recs in sorted(by_fold.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-        name = f"fold {fold} model" if info.get("held_out") else "final model"
+        name = f"fold {fold} model" if info.get("held_out") else info["source"]
         units.append(Unit(model_of(fold), recs, name, cfg.layer))
     result = evaluate_faithfulness(units, fcfg, device)
     result["notes"].insert(0, info["note"])

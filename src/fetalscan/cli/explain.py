@@ -224,6 +224,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_faithfulness(res["faithfulness"])
     info_line(f"wrote {res['out']}/ (gallery.json, gallery/*.png"
               + (", faithfulness.json, faithfulness_curves.png)" if res["faithfulness"] else ")"))
+    info_line(f"`fetalscan report {args.run}` adds them to report.html")
     return 0
 
 
