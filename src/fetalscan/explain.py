@@ -911,7 +911,7 @@ def explain_run(run_dir: str | Path, cfg: ExplainConfig | None = None, fcfg=None
         ``{"out", "gallery", "faithfulness", "models"}``; ``gallery.json`` and
         ``faithfulness.json`` (formats agreed with :mod:`fetalscan.report`) are written.
     """
-    from .fileio import prepare_out_dir, provenance, write_json
+    from .fileio import prepare_out_dir, write_json
     from .predict import classes_from_columns
 
     cfg = cfg or ExplainConfig()

@@ -52,7 +52,7 @@ import copy
 import csv
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -442,69 +442,78 @@ def evaluate_faithfulness(units: Sequence[Unit], cfg: FaithfulnessConfig | None 
         "curves": {...}, "config": {...}, "notes": [...]}`` — the content of
         ``faithfulness.json``.
     """
+    from .explain import preserved_model_state
+
     cfg = cfg or FaithfulnessConfig()
     cfg.validate()
     device = torch.device(device)
     methods = parse_methods(cfg.methods)
-    rng = np.random.default_rng(cfg.seed)
-    per: dict[str, dict[str, list]] = {m: {"del": [], "ins": [], "rho": [], "ssim": [], "stages": []}
-                                       for m in methods}
-    rand = {"del": [], "ins": []}
-    groups: list[str] = []
-    rand_groups: list[str] = []
-    n_total = 0
+    acc = _Accumulator(methods, np.random.default_rng(cfg.seed))
     for u_index, unit in enumerate(units):
-        if not unit.records:
-            continue
-        loaded = unit.loaded
-        model, pre, temp = loaded.model, loaded.preprocessing, loaded.temperature
-        layer = unit.layer or layer_for(loaded)
-        x = _prepared(unit)
-        base = baseline_images(x, cfg.baseline, cfg.blur_sigma)
-        xd, based = x.to(device), base.to(device)
-        # fixed targets: the trained model's predicted class (kept for random maps and randomised models)
-        targets = None
-        trained_maps: dict[str, np.ndarray] = {}
-        feat = (0, 0)
-        for m in methods:
-            maps, feat, logits = _cams(model, x, pre, layer, m, targets, cfg.batch_size, device)
-            if targets is None:
-                targets = logits.argmax(1).numpy()
-            trained_maps[m] = maps
-        ends = (_probs(model, xd.float(), pre, targets, temp), _probs(model, based, pre, targets, temp))
-        for m in methods:
-            d, i = perturbation_curves(model, xd, trained_maps[m], targets, pre, based, cfg.steps, temp,
-                                       cfg.batch_size, rng, ends)
-            per[m]["del"].append(d)
-            per[m]["ins"].append(i)
-        h, w = x.shape[-2:]
-        rd, ri = [], []
-        for _ in range(cfg.random_maps):
-            rmaps = random_saliency(len(x), feat, (h, w), rng)
-            d, i = perturbation_curves(model, xd, rmaps, targets, pre, based, cfg.steps, temp,
-                                       cfg.batch_size, rng, ends)
-            rd.append(d)
-            ri.append(i)
-        rand["del"].append(np.mean(rd, axis=0))
-        rand["ins"].append(np.mean(ri, axis=0))
-        # cascading randomisation, on the first images up to cfg.randomisation_images in all
-        k = max(0, min(len(x), cfg.randomisation_images - len(rand_groups)))
-        stages = randomisation_stages(model, layer) if k else []
-        for s_index, (key, stage, names) in enumerate(stages):
-            rmodel = randomised_copy(model, names, seed=cfg.seed + 7919 * (s_index + 1) + u_index)
-            for m in methods:
-                rmaps, _, _ = _cams(rmodel, x[:k], pre, layer, m, targets[:k], cfg.batch_size, device)
-                rho = [spearman_similarity(a, b) for a, b in zip(trained_maps[m][:k], rmaps)]
-                ss = [ssim(a, b) for a, b in zip(trained_maps[m][:k], rmaps)]
-                per[m]["stages"].append((key, stage, rho, ss))
-            del rmodel
-        rand_groups.extend(str(getattr(r, "group", i)) for i, r in enumerate(unit.records[:k]))
-        groups.extend(str(getattr(r, "group", i)) for i, r in enumerate(unit.records))
-        n_total += len(x)
-    if n_total == 0:
+        if unit.records:
+            with preserved_model_state(unit.loaded.model):
+                unit.loaded.model.eval()
+                _evaluate_unit(u_index, unit, methods, cfg, device, acc)
+    if not acc.groups:
         raise FetalscanError("faithfulness: no images to evaluate")
     head = _energy_in_head(units, methods, cfg, device)
-    return _summarise(methods, per, rand, groups, rand_groups, head, cfg, units)
+    return _summarise(methods, acc, head, cfg, units)
+
+
+class _Accumulator:
+    """Per-image results of every unit, in order."""
+
+    def __init__(self, methods: Sequence[str], rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.per: dict[str, dict[str, list]] = {m: {"del": [], "ins": [], "stages": []} for m in methods}
+        self.rand: dict[str, list] = {"del": [], "ins": []}
+        self.groups: list[str] = []
+        self.rand_groups: list[str] = []
+
+
+def _evaluate_unit(u_index: int, unit: Unit, methods: list[str], cfg: FaithfulnessConfig,
+                   device: torch.device, acc: _Accumulator) -> None:
+    """Deletion / insertion (real and random maps) and the randomisation cascade for one model."""
+    loaded = unit.loaded
+    model, pre, temp = loaded.model, loaded.preprocessing, loaded.temperature
+    layer = unit.layer or layer_for(loaded)
+    x = _prepared(unit)
+    base = baseline_images(x, cfg.baseline, cfg.blur_sigma)
+    xd, based = x.to(device), base.to(device)
+    # fixed targets: the trained model's predicted class (kept for random maps and randomised models)
+    targets = None
+    trained_maps: dict[str, np.ndarray] = {}
+    feat = (0, 0)
+    for m in methods:
+        maps, feat, logits = _cams(model, x, pre, layer, m, targets, cfg.batch_size, device)
+        if targets is None:
+            targets = logits.argmax(1).numpy()
+        trained_maps[m] = maps
+    ends = (_probs(model, xd.float(), pre, targets, temp), _probs(model, based, pre, targets, temp))
+
+    def curves(maps):
+        return perturbation_curves(model, xd, maps, targets, pre, based, cfg.steps, temp, cfg.batch_size,
+                                   acc.rng, ends)
+
+    for m in methods:
+        d, i = curves(trained_maps[m])
+        acc.per[m]["del"].append(d)
+        acc.per[m]["ins"].append(i)
+    random_curves = [curves(random_saliency(len(x), feat, x.shape[-2:], acc.rng)) for _ in range(cfg.random_maps)]
+    acc.rand["del"].append(np.mean([d for d, _ in random_curves], axis=0))
+    acc.rand["ins"].append(np.mean([i for _, i in random_curves], axis=0))
+    # cascading randomisation, on the first images up to cfg.randomisation_images in all
+    k = max(0, min(len(x), cfg.randomisation_images - len(acc.rand_groups)))
+    for s_index, (key, stage, names) in enumerate(randomisation_stages(model, layer) if k else []):
+        rmodel = randomised_copy(model, names, seed=cfg.seed + 7919 * (s_index + 1) + u_index)
+        for m in methods:
+            rmaps, _, _ = _cams(rmodel, x[:k], pre, layer, m, targets[:k], cfg.batch_size, device)
+            rho = [spearman_similarity(a, b) for a, b in zip(trained_maps[m][:k], rmaps)]
+            ss = [ssim(a, b) for a, b in zip(trained_maps[m][:k], rmaps)]
+            acc.per[m]["stages"].append((key, stage, rho, ss))
+        del rmodel
+    acc.rand_groups.extend(str(getattr(r, "group", i)) for i, r in enumerate(unit.records[:k]))
+    acc.groups.extend(str(getattr(r, "group", i)) for i, r in enumerate(unit.records))
 
 
 def _energy_in_head(units: Sequence[Unit], methods: list[str], cfg: FaithfulnessConfig,
@@ -537,8 +546,9 @@ def _energy_in_head(units: Sequence[Unit], methods: list[str], cfg: Faithfulness
     return out
 
 
-def _summarise(methods, per, rand, groups, rand_groups, head, cfg, units) -> dict:
-    rdel, rins = np.concatenate(rand["del"]), np.concatenate(rand["ins"])
+def _summarise(methods, acc: _Accumulator, head, cfg, units) -> dict:
+    per, groups, rand_groups = acc.per, acc.groups, acc.rand_groups
+    rdel, rins = np.concatenate(acc.rand["del"]), np.concatenate(acc.rand["ins"])
     rdel_auc, rins_auc = curve_auc(rdel), curve_auc(rins)
     fractions = np.linspace(0, 1, cfg.steps + 1)
     result: dict = {"methods": {}, "curves": {"fractions": fractions.tolist(),

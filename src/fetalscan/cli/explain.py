@@ -20,7 +20,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ._ui import info_line, print_table, setup_progress, warn_line
+from ._ui import add_dataclass_options, dataclass_from_args, info_line, print_table, setup_progress, warn_line
 
 _HELP = {
     "method": "heatmap method: gradcam, gradcam++, scorecam (slow: one forward pass per channel) or eigencam",
@@ -46,17 +46,14 @@ _SKIP = {"seed", "batch_size"}
 
 
 def _add_options(p: argparse.ArgumentParser, cls, title: str, skip: set[str] = frozenset()) -> None:
-    group = p.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        kind = str if default is None else type(default)
-        if f.name == "head_masks":
-            default = "auto"
+    """Flags of a config dataclass via the shared helper; the optional (``None``) fields by hand."""
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is None}
+    add_dataclass_options(p, cls, _HELP, title=title, skip=set(skip) | optional)
+    group = next(g for g in p._action_groups if g.title == title)
+    for name in sorted(optional - set(skip)):
+        default = "auto" if name == "head_masks" else None
         suffix = "" if default is None else f" (default: {default})"
-        group.add_argument(flag, dest=f.name, type=kind, default=default, help=_HELP.get(f.name, "") + suffix)
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=_HELP[name] + suffix)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,10 +94,9 @@ def _configs(args: argparse.Namespace):
     from ..explain import ExplainConfig
     from ..faithfulness import FaithfulnessConfig
 
-    cfg = ExplainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainConfig)})
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(FaithfulnessConfig) if f.name not in _SKIP}
-    fcfg = FaithfulnessConfig(**fields, seed=args.seed, batch_size=args.batch_size)
-    fcfg.head_masks = _head_masks(args.head_masks)
+    cfg = dataclass_from_args(ExplainConfig, args)
+    fcfg = dataclass_from_args(FaithfulnessConfig, args, seed=args.seed, batch_size=args.batch_size,
+                               head_masks=_head_masks(args.head_masks))
     return cfg, fcfg
 
 
