@@ -138,13 +138,13 @@ def hadlock_ga(hc_mm: float | None) -> GestationalAge:
     20.02
     """
     if hc_mm is None or not math.isfinite(hc_mm):
-        return GestationalAge(None, None, "no head circumference")
+        return GestationalAge(None, None, "not estimated: no head circumference")
     lo, hi = HADLOCK_HC_RANGE_MM
     if not lo <= hc_mm <= hi:
         return GestationalAge(
             None, None,
-            f"HC {hc_mm:.1f} mm is outside the range of the Hadlock 1984 table ({lo:.0f}-{hi:.0f} mm); "
-            "no gestational age is estimated",
+            f"not estimated: HC {hc_mm:.1f} mm is outside the range of the Hadlock 1984 table "
+            f"({lo:.0f}-{hi:.0f} mm)",
         )
     c0, c1, c3 = HADLOCK_HC_COEFFICIENTS
     hc_cm = hc_mm / 10.0

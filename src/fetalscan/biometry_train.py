@@ -197,11 +197,11 @@ class BiometryTrainConfig:
     input_height: int = 128
     input_width: int = 192
     pretrained: str = "none"
-    epochs: int = 40
+    epochs: int = 25
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 8
+    patience: int = 6
     augment: bool = True
     rotate_deg: float = 20.0
     val_fraction: float = 0.15
