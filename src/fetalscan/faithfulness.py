@@ -652,7 +652,7 @@ def table_rows(result: dict) -> list[list[object]]:
 
 
 TABLE_COLUMNS = ["method", "n", "deletion AUC", "random del.", "insertion AUC", "random ins.",
-                 "randomised rho", "head energy", "head area", "peak in head"]
+                 "rand. rho", "head energy", "head area", "peak in head"]
 
 
 def curves_figure(result: dict):
