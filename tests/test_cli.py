@@ -149,3 +149,27 @@ def test_issue_done_command_on_the_shared_fetal_brain(fetal_brain: Path, tmp_pat
     assert metrics["image_level"]["n"] == 166 and metrics["patient_level"]["n"] == 64
     assert 0.5 < metrics["patient_level"]["macro_auroc"] <= 1.0
     assert json.loads((out / "audit.json").read_text())["passed"] is True
+
+
+def test_cv_saves_fold_models_that_reproduce_the_out_of_fold_predictions(tmp_path: Path, toy_manifest, capsys) -> None:
+    import numpy as np
+    import torch
+
+    from fetalscan.checkpoint import load_fold_model
+    from fetalscan.data import load_dataset
+    from fetalscan.predict import predict_dataset
+
+    m = toy_manifest(groups=5, per_group=2)
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "cv", "--data", m, "--folds", "5", "--out", out, "--no-shortcut", "--n-boot", "50")
+    assert code == 0, err
+    assert (out / "fold_models" / "cached_heads.pt").is_file()
+    preds = pd.read_csv(out / "predictions.csv")
+    ds = load_dataset(m)
+    by_path = {str(r.path): r for r in ds.records}
+    for fold in range(5):
+        rows = preds[preds["fold"] == fold]
+        loaded = load_fold_model(out, fold)
+        sub = ds.subset([ds.records.index(by_path[p]) for p in rows["path"]])
+        probs = predict_dataset(loaded, sub, torch.device("cpu"))
+        assert np.allclose(probs, rows[[f"p_{c}" for c in loaded.classes]].to_numpy(), atol=1e-5)

@@ -296,7 +296,7 @@ def test_cli_explain_run_writes_gallery_and_faithfulness_with_fold_models(toy_ru
                  "--random-maps", "1", "--head-masks", "none", "--n-boot", "50", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "Faithfulness" in printed and "largest difference from predictions.csv" in printed
+    assert "Faithfulness" in printed and "fold model that held the image out" in printed
     gallery = json.loads((run / "explain" / "gallery.json").read_text())
     assert gallery, "the gallery is empty"
     for item in gallery:
@@ -310,7 +310,7 @@ def test_cli_explain_run_writes_gallery_and_faithfulness_with_fold_models(toy_ru
                 "randomisation_similarity", "n_images"):
         assert isinstance(entry[key], (int, float)), key
     assert entry["energy_in_head"] is None and entry["n_images"] == 2
-    assert faith["models"]["reproduced"], faith["models"]
+    assert faith["models"]["held_out"] is True, faith["models"]
     assert any("fold model" in n for n in faith["notes"])
 
 

@@ -120,11 +120,10 @@ def read_checkpoint(path: str | Path) -> dict:
     return blob
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the model of a checkpoint and load its weights (strict)."""
+def _model_from_blob(path: Path, blob: dict) -> tuple[nn.Module, list[str]]:
+    """Build the (untrained) model that a checkpoint's ``architecture`` block describes."""
     from .train import TrainConfig, new_model
 
-    blob = read_checkpoint(path)
     arch = blob["architecture"]
     classes = list(blob["classes"])
     try:
@@ -137,13 +136,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             raise CheckpointError(
                 f"{path}: architecture says {arch['num_classes']} classes but the class list has {len(classes)}"
             )
-        model = new_model(cfg, len(classes))
+        return new_model(cfg, len(classes)), classes
     except KeyError as exc:
         raise CheckpointError(f"{path}: architecture block lacks field {exc}") from None
     except CheckpointError:
         raise
     except FetalscanError as exc:
         raise CheckpointError(f"{path}: architecture {arch} cannot be built here: {exc}") from exc
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model of a checkpoint and load its weights (strict)."""
+    blob = read_checkpoint(path)
+    arch = blob["architecture"]
+    model, classes = _model_from_blob(Path(path), blob)
     try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -166,3 +172,93 @@ def architecture_of(cfg, n_classes: int) -> dict:
         "head_hidden": cfg.head_hidden,
         "drop_rate": cfg.drop_rate,
     }
+
+
+# --------------------------------------------------------------------------- fold models of a CV run
+
+FOLD_FORMAT = "fetalscan-fold-models"
+FOLD_DIR = "fold_models"
+CACHED_FOLDS_FILE = "cached_heads.pt"
+
+
+def save_cached_fold_models(
+    run_dir: str | Path, backbone: nn.Module, heads: dict[int, dict], *, classes: list[str],
+    architecture: dict, preprocessing: Preprocessing, class_map: dict[str, str] | None = None,
+) -> Path:
+    """Save the fold models of a cached-mode CV run as one file: the frozen backbone
+    once plus one small head per fold (``RUN/fold_models/cached_heads.pt``)."""
+    from .models import classifier_attr
+
+    head_name = classifier_attr(backbone) + "."
+    blob = {
+        "format": FOLD_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fetalscan_version": __version__,
+        "architecture": dict(architecture),
+        "classes": list(classes),
+        "class_map": dict(class_map or {}),
+        "preprocessing": preprocessing.to_dict(),
+        "backbone_state": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()
+                           if not k.startswith(head_name)},
+        "heads": {str(k): {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in heads.items()},
+    }
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    return write_bytes(Path(run_dir) / FOLD_DIR / CACHED_FOLDS_FILE, buf.getvalue())
+
+
+def fold_checkpoint_path(run_dir: str | Path, fold: int) -> Path:
+    """Where a fine-tuned fold model of a CV run is saved (a regular checkpoint)."""
+    return Path(run_dir) / FOLD_DIR / f"fold_{int(fold)}.pt"
+
+
+def load_fold_model(run_dir: str | Path, fold: int, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model that cross-validation trained for ``fold`` (it never saw that fold's groups).
+
+    Reads ``RUN/fold_models/`` written by ``fetalscan cv`` (``--save-fold-models``).
+    Raises :class:`CheckpointError` when the run did not save them.
+    """
+    run_dir = Path(run_dir)
+    per_fold = fold_checkpoint_path(run_dir, fold)
+    if per_fold.is_file():
+        loaded = load_checkpoint(per_fold, device)
+        loaded.meta["origin"] = f"fold {fold} model"
+        return loaded
+    cached = run_dir / FOLD_DIR / CACHED_FOLDS_FILE
+    if not cached.is_file():
+        raise CheckpointError(
+            f"{run_dir} holds no model for fold {fold} ({FOLD_DIR}/ missing); re-run `fetalscan cv` with "
+            "--save-fold-models yes, or pass a checkpoint with --model"
+        )
+    blob = _read_fold_blob(cached)
+    if str(fold) not in blob["heads"]:
+        raise CheckpointError(f"{cached} has no head for fold {fold} (folds: {sorted(blob['heads'], key=int)})")
+    state = dict(blob["backbone_state"])
+    model, _ = _model_from_blob(cached, blob)
+    from .models import classifier_attr
+
+    head_name = classifier_attr(model)
+    state.update({f"{head_name}.{k}": v for k, v in blob["heads"][str(fold)].items()})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{cached}: fold {fold} weights do not match the architecture "
+                              f"({str(exc).splitlines()[0]})") from exc
+    model.eval().to(device)
+    meta = {"class_map": blob.get("class_map", {}), "calibration": {"temperature": 1.0},
+            "origin": f"fold {fold} model"}
+    return LoadedModel(model, list(blob["classes"]), Preprocessing.from_dict(blob["preprocessing"]),
+                       dict(blob["architecture"]), meta)
+
+
+def _read_fold_blob(path: Path) -> dict:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path} is not a readable fold-model file: {exc}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FOLD_FORMAT:
+        raise CheckpointError(f"{path} is not a fetalscan fold-model file")
+    if blob.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {blob.get('format_version')}; this fetalscan reads "
+                              f"{FORMAT_VERSION}. Re-run `fetalscan cv` with this version.")
+    return blob

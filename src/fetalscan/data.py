@@ -85,6 +85,7 @@ class Dataset:
     classes: list[str]
     source: str
     notes: list[str] = field(default_factory=list)
+    loading: dict = field(default_factory=dict)  # the load_dataset options, to re-read it identically
 
     def __len__(self) -> int:
         return len(self.records)
@@ -109,7 +110,8 @@ class Dataset:
 
     def subset(self, keep: Sequence[int]) -> Dataset:
         """A dataset with only the records at ``keep`` (same classes)."""
-        return Dataset([self.records[i] for i in keep], list(self.classes), self.source, list(self.notes))
+        return Dataset([self.records[i] for i in keep], list(self.classes), self.source, list(self.notes),
+                       dict(self.loading))
 
     def data_hash(self) -> str:
         """SHA-256 over (name, frame, label, group, file bytes hash) of every record."""
@@ -488,7 +490,9 @@ def load_dataset(
         class_list = list(classes)
     else:
         class_list = labels
-    return Dataset(records, class_list, str(path))
+    loading = {"group_regex": group_regex, "classes": list(classes) if classes else None, "every_nth": every_nth,
+               "require_labels": require_labels}
+    return Dataset(records, class_list, str(path), loading=loading)
 
 
 # --------------------------------------------------------------------------- class policy
@@ -526,7 +530,7 @@ def apply_rare_class_policy(dataset: Dataset, required: int, policy: str, merged
             for r in dataset.records
         ]
         classes = sorted({c for c in dataset.classes if c not in short} | {merged_name})
-        out = Dataset(records, classes, dataset.source, list(dataset.notes))
+        out = Dataset(records, classes, dataset.source, list(dataset.notes), dict(dataset.loading))
         still = deficient_classes(out.labels, out.groups, required)
         if still:
             raise SplitError(

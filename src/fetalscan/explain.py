@@ -43,7 +43,6 @@ forward pass, and a frozen (cached-mode) backbone needs no gradient at all.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import re
@@ -716,122 +715,6 @@ def run_record(row) -> object:
     return Record(path=path, label=label, group=str(row["group"]), name=f"{path.parent.name}/{path.name}", frame=frame)
 
 
-def _key(path, frame) -> tuple[str, int]:
-    f = -1 if frame is None or (isinstance(frame, float) and math.isnan(frame)) or frame == "" else int(frame)
-    return str(path), f
-
-
-def _source_order(source: str | None, keys: list[tuple[str, int]]) -> tuple[list[int], str]:
-    """Positions of ``keys`` in the run's source data order (how ``cv`` indexed them)."""
-    from .data import load_dataset
-
-    fallback = list(range(len(keys)))
-    if not source:
-        return fallback, "the run does not name its data source; predictions.csv order used"
-    try:
-        ds = load_dataset(source)
-    except FetalscanError as exc:
-        return fallback, f"could not re-read the data source {source} ({exc}); predictions.csv order used"
-    pos = {_key(r.path, r.frame): i for i, r in enumerate(ds.records)}
-    if not all(k in pos for k in keys):
-        return fallback, f"the data source {source} no longer matches predictions.csv; predictions.csv order used"
-    return sorted(range(len(keys)), key=lambda i: pos[keys[i]]), f"record order of {source}"
-
-
-def fold_models_from_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """Re-train the fold models of a cached-mode CV run, exactly as ``fetalscan cv`` trained them.
-
-    ``fetalscan cv`` does not save its fold models. In the cached mode a fold model
-    is the frozen pretrained backbone plus a head trained on that fold's inner-train
-    embeddings and early-stopped on its inner-validation embeddings, which takes
-    about a second. This function rebuilds each fold's split from the run's own
-    files (``predictions.csv`` gives the test fold of every image,
-    ``inner_val_predictions.csv`` the inner-validation images), trains the heads
-    with :func:`fetalscan.train.fit_head` and the run's configuration and seed, and
-    checks the result against ``predictions.csv``.
-
-    Returns
-    -------
-    models : dict
-        fold index -> :class:`~fetalscan.checkpoint.LoadedModel` (temperature 1, as in ``cv``).
-    info : dict
-        ``{"source": "retrained fold heads", "max_abs_prob_diff": float,
-        "reproduced": bool, "order": str}``.
-    """
-    from dataclasses import fields
-
-    from .checkpoint import LoadedModel, architecture_of
-    from .data import prepare_images
-    from .models import get_backbone_spec, set_head
-    from .predict import classes_from_columns, softmax_with_temperature
-    from .runtime import seed_everything
-    from .train import TrainConfig, compute_embeddings, fit_head, freeze_backbone, new_model
-
-    run_dir = Path(run_dir)
-    metrics = _read_metrics(run_dir)
-    known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in (metrics.get("training") or {}).items() if k in known})
-    if cfg.mode != "cached":
-        raise FetalscanError(
-            f"{run_dir} was trained with --mode {cfg.mode}; its fold models cannot be rebuilt quickly. "
-            "Pass --model with a checkpoint (e.g. from `fetalscan train`); its training data include "
-            "the run's images, which the gallery will say"
-        )
-    preds = _read_csv(run_dir / "predictions.csv")
-    inner = _read_csv(run_dir / "inner_val_predictions.csv")
-    classes = classes_from_columns(preds.columns)
-    keys = [_key(p, f) for p, f in zip(preds["path"], preds.get("frame", [None] * len(preds)))]
-    order, order_note = _source_order((metrics.get("data") or {}).get("source"), keys)
-    preds = preds.iloc[order].reset_index(drop=True)
-    keys = [keys[i] for i in order]
-    records = [run_record(r) for r in preds.to_dict("records")]
-    index = {c: i for i, c in enumerate(classes)}
-    if any(r.label not in index for r in records):
-        raise DataError(f"{run_dir / 'predictions.csv'}: every row needs a label among {classes}")
-    y = np.array([index[r.label] for r in records])
-    device = torch.device(device)
-    seed_everything(cfg.seed)
-    backbone = new_model(cfg, len(classes)).to(device)
-    freeze_backbone(backbone)
-    pre = get_backbone_spec(cfg.backbone).preprocessing
-    images, _ = prepare_images(records, pre, description="reading run images")
-    emb = compute_embeddings(backbone, images, pre, device, cfg.batch_size * 2, cfg.amp)
-    inner_keys: dict[int, set] = {}
-    for p, f, k in zip(inner["path"], inner.get("frame", [None] * len(inner)), inner["fold"]):
-        inner_keys.setdefault(int(k), set()).add(_key(p, f))
-    fold_col = preds["fold"].astype(int).to_numpy()
-    models, worst = {}, 0.0
-    for k in sorted(set(fold_col)):
-        test = np.flatnonzero(fold_col == k)
-        val = np.array([i for i, key in enumerate(keys) if key in inner_keys.get(k, set())], dtype=int)
-        train = np.setdiff1d(np.arange(len(keys)), np.concatenate([test, val]))
-        head, _ = fit_head(emb[train], y[train], emb[val], y[val], len(classes), cfg, cfg.seed + k)
-        with torch.inference_mode():
-            probs = softmax_with_temperature(head(emb[test]))
-        worst = max(worst, float(np.abs(probs - preds.loc[test, [f"p_{c}" for c in classes]].to_numpy(float)).max()))
-        model = copy.deepcopy(backbone)
-        set_head(model, head.to(device))
-        model.eval()
-        models[k] = LoadedModel(model, list(classes), pre, architecture_of(cfg, len(classes)),
-                                {"calibration": {"temperature": 1.0}, "origin": f"fold {k} model"})
-    info = {"source": "fold models re-trained from the run's splits (cached mode)",
-            "max_abs_prob_diff": worst, "reproduced": worst < 1e-4, "order": order_note}
-    log.info("rebuilt %d fold models; max |p - predictions.csv| = %.2e", len(models), worst)
-    return models, info
-
-
-def _read_metrics(run_dir: Path) -> dict:
-    import json
-
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found; is {run_dir} a run folder written by `fetalscan cv`?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-
-
 # --------------------------------------------------------------------------- a whole run
 
 
@@ -876,11 +759,22 @@ def _models_for_run(run_dir: Path, model_path, classes, device, has_folds: bool 
     if not has_folds:
         raise FetalscanError(f"{run_dir}/predictions.csv has no folds (not a `fetalscan cv` run); pass --model "
                              "with the checkpoint that made these predictions")
-    models, info = fold_models_from_run(run_dir, device)
-    info.update(held_out=True, origin="fold {fold} model (image held out)",
-                note="Each heatmap comes from the fold model that held the image out "
-                     "(re-trained from the run's own splits).")
-    return (lambda fold: models[int(fold)]), info
+    from functools import lru_cache
+
+    from .checkpoint import load_fold_model
+
+    @lru_cache(maxsize=4)
+    def model_of(fold: int):
+        loaded = load_fold_model(run_dir, int(fold), device)
+        if list(loaded.classes) != list(classes):
+            raise FetalscanError(f"{run_dir}: fold {fold} model has classes {loaded.classes}, the predictions "
+                                 f"have {list(classes)}")
+        return loaded
+
+    info = {"source": "fold models saved by `fetalscan cv` (fold_models/)", "held_out": True,
+            "origin": "fold {fold} model (image held out)",
+            "note": "Each heatmap comes from the fold model that held the image out."}
+    return (lambda fold: model_of(int(fold))), info
 
 
 def explain_run(run_dir: str | Path, cfg: ExplainConfig | None = None, fcfg=None, *,
@@ -988,11 +882,6 @@ def _run_faithfulness(run_dir, out, preds, fcfg, cfg, model_of, info, device) ->
         units.append(Unit(model_of(fold), recs, name, cfg.layer))
     result = evaluate_faithfulness(units, fcfg, device)
     result["notes"].insert(0, info["note"])
-    if "max_abs_prob_diff" in info:
-        result["notes"].append(
-            f"Fold models re-trained from the run: largest difference from predictions.csv probabilities "
-            f"{info['max_abs_prob_diff']:.1e} ({'reproduced' if info['reproduced'] else 'NOT exactly reproduced'}; "
-            f"{info['order']}).")
     result["models"] = info
     result["disclaimer"] = DISCLAIMER
     result["provenance"] = provenance(fcfg.seed, run=str(run_dir), device=str(device))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -79,12 +80,15 @@ class CVConfig:
     phash_threshold: int = PHASH_THRESHOLD
     aggregate: str = "mean"
     normal_class: str = "normal"
+    save_fold_models: str = "auto"  # "auto" | "yes" | "no"
 
     def validate(self) -> None:
         if self.scheme not in ("kfold", "logo"):
             raise FetalscanError(f"--cv must be 'kfold' or 'logo', got {self.scheme!r}")
         if self.near_duplicates not in ("error", "merge"):
             raise FetalscanError(f"--near-duplicates must be 'error' or 'merge', got {self.near_duplicates!r}")
+        if self.save_fold_models not in ("auto", "yes", "no"):
+            raise FetalscanError(f"--save-fold-models must be auto, yes or no, got {self.save_fold_models!r}")
         if self.aggregate not in AGGREGATIONS:
             raise FetalscanError(f"--aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
 
@@ -115,7 +119,7 @@ def _merge_duplicate_groups(dataset: Dataset, hashes: np.ndarray, threshold: int
     pairs = hamming_pairs(hashes, threshold)
     new_groups = merge_near_duplicate_groups(dataset.groups, pairs)
     records = [replace(r, group=g) for r, g in zip(dataset.records, new_groups)]
-    merged = Dataset(records, dataset.classes, dataset.source, list(dataset.notes))
+    merged = Dataset(records, dataset.classes, dataset.source, list(dataset.notes), dict(dataset.loading))
     from .data import check_group_labels
 
     try:
@@ -167,20 +171,31 @@ def _frozen_backbone(cfg: TrainConfig, n_classes: int, device: torch.device) -> 
     return model
 
 
+def embed_dataset(images: torch.Tensor, cfg: TrainConfig, n_classes: int,
+                  device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The frozen backbone of the cached mode and every image's embedding, computed once."""
+    seed_everything(cfg.seed)
+    backbone = _frozen_backbone(cfg, n_classes, device)
+    pre = get_backbone_spec(cfg.backbone).preprocessing
+    return backbone, compute_embeddings(backbone, images, pre, device, cfg.batch_size * 2, cfg.amp)
+
+
 def cross_validate_folds(
     dataset: Dataset, images: torch.Tensor, folds: list[Fold], cfg: TrainConfig,
     device: torch.device, fixed_epochs: bool = False, emb: torch.Tensor | None = None,
+    on_fold: Callable[[Fold, torch.nn.Module], None] | None = None,
 ) -> list[FoldOutput]:
-    """Train and read out every fold; embeddings are computed once in cached mode."""
+    """Train and read out every fold; embeddings are computed once in cached mode.
+
+    ``on_fold(fold, trained)`` receives each fold's trained head (cached mode) or
+    model (fine-tuning) as soon as it exists, e.g. to save it; it is not kept.
+    """
     from .progress import track
 
     y = dataset.y
     n = len(dataset.classes)
     if cfg.mode == "cached" and emb is None:
-        seed_everything(cfg.seed)
-        backbone = _frozen_backbone(cfg, n, device)
-        pre = get_backbone_spec(cfg.backbone).preprocessing
-        emb = compute_embeddings(backbone, images, pre, device, cfg.batch_size * 2, cfg.amp)
+        _, emb = embed_dataset(images, cfg, n, device)
     outputs = []
     for fold in track(folds, "cross-validation folds", total=len(folds)):
         t0 = time.perf_counter()
@@ -193,8 +208,43 @@ def cross_validate_folds(
             fit,
             time.perf_counter() - t0,
         ))
+        if on_fold is not None:
+            on_fold(fold, trained)
         log.info("fold %d: best epoch %d, inner-val loss %.4f", fold.index, fit.best_epoch, fit.best_val_loss)
     return outputs
+
+
+def _fold_model_saver(out: Path, dataset: Dataset, cfg: TrainConfig, cv: CVConfig, n_folds: int):
+    """``(on_fold, finish)`` that save each fold's model into ``RUN/fold_models/``, or ``(None, noop)``.
+
+    ``auto`` saves cached-mode folds always (one backbone + a small head per fold)
+    and fine-tuned folds (a full checkpoint each) only for up to 10 folds.
+    """
+    from .checkpoint import fold_checkpoint_path, save_cached_fold_models
+
+    want = cv.save_fold_models == "yes" or (
+        cv.save_fold_models == "auto" and (cfg.mode == "cached" or n_folds <= 10))
+    if not want:
+        return None, lambda backbone=None: None
+    classes, n = dataset.classes, len(dataset.classes)
+    pre = get_backbone_spec(cfg.backbone).preprocessing
+    heads: dict[int, dict] = {}
+
+    def on_fold(fold: Fold, trained: torch.nn.Module) -> None:
+        if cfg.mode == "cached":
+            heads[fold.index] = trained.state_dict()
+        else:
+            save_checkpoint(fold_checkpoint_path(out, fold.index), trained, classes=classes,
+                            architecture=architecture_of(cfg, n), preprocessing=pre,
+                            training={"config": cfg.to_dict(), "fold": fold.index},
+                            class_map=_class_map(dataset))
+
+    def finish(backbone: torch.nn.Module | None = None) -> None:
+        if cfg.mode == "cached" and backbone is not None:
+            save_cached_fold_models(out, backbone, heads, classes=classes, architecture=architecture_of(cfg, n),
+                                    preprocessing=pre, class_map=_class_map(dataset))
+
+    return on_fold, finish
 
 
 def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path,
@@ -234,7 +284,11 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, ov
     dataset = apply_rare_class_policy(dataset, min_groups_required(cv.scheme, cv.folds), cv.rare_classes,
                                       cv.merged_name)
     dataset, images, folds, audit = _load_and_audit(dataset, cfg, cv, out, final=False)
-    outputs = cross_validate_folds(dataset, images, folds, cfg, device)
+    backbone, emb = (embed_dataset(images, cfg, len(dataset.classes), device) if cfg.mode == "cached"
+                     else (None, None))
+    on_fold, finish = _fold_model_saver(out, dataset, cfg, cv, len(folds))
+    outputs = cross_validate_folds(dataset, images, folds, cfg, device, emb=emb, on_fold=on_fold)
+    finish(backbone)
 
     classes = dataset.classes
     test_parts, val_parts = [], []
@@ -250,7 +304,7 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, ov
     metrics = {
         "disclaimer": DISCLAIMER,
         "task": {"classes": classes, "class_map": _class_map(dataset), "notes": dataset.notes},
-        "data": {"source": dataset.source, **dataset.summary()},
+        "data": {"source": dataset.source, **dataset.summary(), "loading": dataset.loading},
         "cv": {**cv.to_dict(), "n_folds_run": len(folds), "val_fraction": cfg.val_fraction},
         "training": cfg.to_dict(),
         "image_level": metrics_from_frame(preds, classes),
@@ -303,9 +357,7 @@ def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path,
     n = len(dataset.classes)
     y = dataset.y
     if cfg.mode == "cached":
-        model = _frozen_backbone(cfg, n, device)
-        pre = get_backbone_spec(cfg.backbone).preprocessing
-        emb = compute_embeddings(model, images, pre, device, cfg.batch_size * 2, cfg.amp)
+        model, emb = embed_dataset(images, cfg, n, device)
         head, fit = fit_head(emb[fold.inner_train], y[fold.inner_train], emb[fold.inner_val], y[fold.inner_val],
                              n, cfg, cfg.seed)
         set_head(model, head.to(device))

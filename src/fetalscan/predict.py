@@ -206,7 +206,7 @@ def labels_for_model(dataset: Dataset, classes: Sequence[str], class_map: dict[s
             unknown.add(r.label)
             mapped = None
         records.append(replace(r, label=mapped, label_original=r.label))
-    return Dataset(records, list(classes), dataset.source, list(dataset.notes)), unknown
+    return Dataset(records, list(classes), dataset.source, list(dataset.notes), dict(dataset.loading)), unknown
 
 
 def write_prediction_files(out: Path, df: pd.DataFrame, classes: Sequence[str],

@@ -81,19 +81,23 @@ def setup_progress(args: argparse.Namespace) -> None:
 
 
 def add_dataclass_options(p: argparse.ArgumentParser, cls, help: Mapping[str, str], *, title: str | None = None,
-                          skip: Collection[str] = (), rename: Mapping[str, str] | None = None) -> None:
+                          skip: Collection[str] = (), rename: Mapping[str, str] | None = None,
+                          defaults: Mapping[str, object] | None = None) -> None:
     """One flag per field of a config dataclass (``--field-name``, booleans as ``--x/--no-x``),
-    with the field's default shown; so the CLI maps onto the config 1:1."""
+    with the default shown; so the CLI maps onto the config 1:1. ``defaults`` overrides a
+    field's default on the command line; a field whose default is ``None`` takes a string."""
     group = p.add_argument_group(title or cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + (rename or {}).get(f.name, f.name).replace("_", "-")
-        text = f"{help.get(f.name, '')} (default: {f.default})"
-        if isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        default = (defaults or {}).get(f.name, f.default)
+        text = help.get(f.name, "") + ("" if default is None else f" (default: {default})")
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=text)
+            kind = str if default is None else type(default)
+            group.add_argument(flag, dest=f.name, type=kind, default=default, help=text)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **overrides):

@@ -47,6 +47,8 @@ _HELP = {
     "phash_threshold": "Hamming distance of the 64-bit pHash at or below which images are near-duplicates",
     "aggregate": "patient-level rule: mean, vote or max_abnormal",
     "normal_class": "name of the normal class (used by max_abnormal)",
+    "save_fold_models": "keep each fold's model in RUN/fold_models/ (for held-out heatmaps): auto = always in "
+                        "cached mode (one backbone + small heads), for <= 10 folds when fine-tuning; yes; no",
 }
 _SKIP = {"seed", "device"}  # provided by add_runtime_options
 _RENAME = {"scheme": "cv"}

@@ -16,7 +16,6 @@ energy in the fetal head), which ``fetalscan report`` shows.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
@@ -46,14 +45,8 @@ _SKIP = {"seed", "batch_size"}
 
 
 def _add_options(p: argparse.ArgumentParser, cls, title: str, skip: set[str] = frozenset()) -> None:
-    """Flags of a config dataclass via the shared helper; the optional (``None``) fields by hand."""
-    optional = {f.name for f in dataclasses.fields(cls) if f.default is None}
-    add_dataclass_options(p, cls, _HELP, title=title, skip=set(skip) | optional)
-    group = next(g for g in p._action_groups if g.title == title)
-    for name in sorted(optional - set(skip)):
-        default = "auto" if name == "head_masks" else None
-        suffix = "" if default is None else f" (default: {default})"
-        group.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=_HELP[name] + suffix)
+    """Flags of a config dataclass (``--head-masks`` defaults to ``auto`` on the command line)."""
+    add_dataclass_options(p, cls, _HELP, title=title, skip=skip, defaults={"head_masks": "auto"})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "explain", help="Grad-CAM family heatmaps over the images, report gallery, faithfulness scores",
         description="Heatmaps of where a model found its evidence, overlaid on the original ultrasound "
         "images, and how faithful those heatmaps are. Images: --model CKPT --images PATH... --out DIR. "
-        "A CV run folder: --run RUN_DIR (gallery + faithfulness into RUN_DIR/explain; the fold models "
-        "of a cached-mode run are re-trained in seconds, or pass --model). Heatmaps support, and never "
+        "A CV run folder: --run RUN_DIR (gallery + faithfulness into RUN_DIR/explain, each image explained "
+        "by the fold model saved by `fetalscan cv` that held it out; or pass --model). Heatmaps support, and never "
         "replace, the clinician's reading.",
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint written by `fetalscan train`")
@@ -207,12 +200,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     res = explain_run(args.run, cfg, fcfg if want else None, model_path=args.model,
                       per_kind=args.gallery_per_kind, out=args.out, overwrite=args.overwrite, device=device)
     models = res["models"]
-    if "max_abs_prob_diff" in models:
-        line = (f"fold models re-trained from the run; largest difference from predictions.csv: "
-                f"{models['max_abs_prob_diff']:.1e}")
-        (info_line if models["reproduced"] else warn_line)(line)
-    else:
-        warn_line(models["note"])
+    (info_line if models.get("held_out") else warn_line)(models["note"])
     rows = [[g["class"], g["kind"], Path(g["path"]).name, g["prob"], g["label"], g["pred"]] for g in res["gallery"]]
     print_table(f"Gallery ({cfg.method}): most confident per class", ["class", "kind", "image", "p(class)",
                                                                       "label", "predicted"], rows)
