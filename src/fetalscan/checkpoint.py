@@ -58,6 +58,49 @@ class LoadedModel:
         return dict(self.meta.get("class_map") or {})
 
 
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of a state dict's tensors."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def save_blob(path: str | Path, fmt: str, **fields) -> Path:
+    """Write a fetalscan file (a plain dict with ``format``, ``format_version``,
+    ``fetalscan_version`` and ``fields``) with ``torch.save``, atomically."""
+    blob = {"format": fmt, "format_version": FORMAT_VERSION, "fetalscan_version": __version__, **fields}
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    return write_bytes(path, buf.getvalue())
+
+
+def load_blob(path: str | Path, fmt: str, what: str = "checkpoint") -> dict:
+    """Read a file written by :func:`save_blob` and check its format and version.
+
+    Raises :class:`CheckpointError` naming the file for a missing, corrupt or
+    foreign file and for one of another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path} is not a readable {what} (corrupt or not a torch file): {exc}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"{path} is not a fetalscan {what} (field 'format' is {found!r}, expected {fmt!r})")
+    version = blob.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise CheckpointError(
+            f"{path}: {what} format_version {version} "
+            f"({'made by a newer' if newer else 'from an older'} fetalscan "
+            f"{blob.get('fetalscan_version', '?')}); this fetalscan {__version__} reads "
+            f"format_version {FORMAT_VERSION}. "
+            + ("Upgrade fetalscan." if newer else "Retrain the model with this version.")
+        )
+    return blob
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -71,49 +114,22 @@ def save_checkpoint(
     calibration: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically; returns its path."""
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    blob = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "fetalscan_version": __version__,
-        "architecture": dict(architecture),
-        "classes": list(classes),
-        "class_map": dict(class_map or {}),
-        "preprocessing": preprocessing.to_dict(),
-        "training": training or {},
-        "calibration": calibration or {"temperature": 1.0},
-        "provenance": provenance or {},
-        "state_dict": state,
-    }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    return write_bytes(path, buf.getvalue())
+    return save_blob(
+        path, FORMAT,
+        architecture=dict(architecture),
+        classes=list(classes),
+        class_map=dict(class_map or {}),
+        preprocessing=preprocessing.to_dict(),
+        training=training or {},
+        calibration=calibration or {"temperature": 1.0},
+        provenance=provenance or {},
+        state_dict=cpu_state(model.state_dict()),
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict:
     """Read and validate the checkpoint dict without building the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): {exc}") from exc
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a fetalscan classifier checkpoint (field 'format' is "
-            f"{blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r})"
-        )
-    version = blob.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise CheckpointError(
-            f"{path}: checkpoint format_version {version} "
-            f"({'made by a newer' if newer else 'from an older'} fetalscan "
-            f"{blob.get('fetalscan_version', '?')}); this fetalscan {__version__} reads "
-            f"format_version {FORMAT_VERSION}. "
-            + ("Upgrade fetalscan." if newer else "Retrain the model with this version.")
-        )
+    blob = load_blob(path, FORMAT, "classifier checkpoint")
     for key in ("architecture", "classes", "preprocessing", "state_dict"):
         if key not in blob:
             raise CheckpointError(f"{path}: checkpoint lacks the field {key!r}")
@@ -190,21 +206,15 @@ def save_cached_fold_models(
     from .models import classifier_attr
 
     head_name = classifier_attr(backbone) + "."
-    blob = {
-        "format": FOLD_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "fetalscan_version": __version__,
-        "architecture": dict(architecture),
-        "classes": list(classes),
-        "class_map": dict(class_map or {}),
-        "preprocessing": preprocessing.to_dict(),
-        "backbone_state": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()
-                           if not k.startswith(head_name)},
-        "heads": {str(k): {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in heads.items()},
-    }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    return write_bytes(Path(run_dir) / FOLD_DIR / CACHED_FOLDS_FILE, buf.getvalue())
+    return save_blob(
+        Path(run_dir) / FOLD_DIR / CACHED_FOLDS_FILE, FOLD_FORMAT,
+        architecture=dict(architecture),
+        classes=list(classes),
+        class_map=dict(class_map or {}),
+        preprocessing=preprocessing.to_dict(),
+        backbone_state={k: v for k, v in cpu_state(backbone.state_dict()).items() if not k.startswith(head_name)},
+        heads={str(k): cpu_state(v) for k, v in heads.items()},
+    )
 
 
 def fold_checkpoint_path(run_dir: str | Path, fold: int) -> Path:
@@ -230,7 +240,7 @@ def load_fold_model(run_dir: str | Path, fold: int, device: str | torch.device =
             f"{run_dir} holds no model for fold {fold} ({FOLD_DIR}/ missing); re-run `fetalscan cv` with "
             "--save-fold-models yes, or pass a checkpoint with --model"
         )
-    blob = _read_fold_blob(cached)
+    blob = load_blob(cached, FOLD_FORMAT, "fold-model file")
     if str(fold) not in blob["heads"]:
         raise CheckpointError(f"{cached} has no head for fold {fold} (folds: {sorted(blob['heads'], key=int)})")
     state = dict(blob["backbone_state"])
@@ -249,16 +259,3 @@ def load_fold_model(run_dir: str | Path, fold: int, device: str | torch.device =
             "origin": f"fold {fold} model"}
     return LoadedModel(model, list(blob["classes"]), Preprocessing.from_dict(blob["preprocessing"]),
                        dict(blob["architecture"]), meta)
-
-
-def _read_fold_blob(path: Path) -> dict:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path} is not a readable fold-model file: {exc}") from exc
-    if not isinstance(blob, dict) or blob.get("format") != FOLD_FORMAT:
-        raise CheckpointError(f"{path} is not a fetalscan fold-model file")
-    if blob.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {blob.get('format_version')}; this fetalscan reads "
-                              f"{FORMAT_VERSION}. Re-run `fetalscan cv` with this version.")
-    return blob
