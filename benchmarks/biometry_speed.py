@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import time
 from pathlib import Path
@@ -47,15 +48,18 @@ def _segmenter(model: Path | None, backend: str):
     return HeadSegmenter(build_segmenter(cfg), cfg, {}, device="cpu", backend=backend)
 
 
-def _time_per_image(fn, images, repeats: int) -> list[float]:
+def _time_interleaved(fns, images, repeats: int) -> list[list[float]]:
+    """Per-image times (ms) of each function, run alternately so both see the same machine load."""
     for image, ps in images[:3]:
-        fn(image, ps)  # warm-up
-    times = []
+        for fn in fns:
+            fn(image, ps)  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for image, ps in images:
-            t0 = time.perf_counter()
-            fn(image, ps)
-            times.append((time.perf_counter() - t0) * 1000)
+            for k, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn(image, ps)
+                times[k].append((time.perf_counter() - t0) * 1000)
     return times
 
 
@@ -96,8 +100,7 @@ def main() -> None:
         if a.found and b.found:
             assert abs(a.hc - b.hc) < 0.5, (a.hc, b.hc)
 
-    t_base = _time_per_image(baseline, images, args.repeats)
-    t_ours = _time_per_image(fast, images, args.repeats)
+    t_base, t_ours = _time_interleaved([baseline, fast], images, args.repeats)
     # split of our time: network vs everything else
     x = ours.prepare(images[0][0])[None]
     t_net = []
@@ -109,7 +112,8 @@ def main() -> None:
     print(f"model: {args.model if args.model and args.model.is_file() else 'untrained default architecture'} "
           f"({ours.cfg.encoder} U-Net, input {ours.cfg.input_height}x{ours.cfg.input_width}); "
           f"{len(images)} HC18 images x {args.repeats}; {args.threads} CPU thread(s)")
-    print(f"image decoding (not included): {decode_ms:.1f} ms/image")
+    print(f"image decoding (not included): {decode_ms:.1f} ms/image; machine load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes slow both paths)")
     print(f"baseline  eager PyTorch (no_grad):   {base_ms:6.1f} ms/image (median; p90 "
           f"{statistics.quantiles(t_base, n=10)[-1]:.1f})")
     print(f"ours      onnxruntime + same post:  {ours_ms:6.1f} ms/image (median; p90 "

@@ -394,6 +394,7 @@ def test_evaluate_scores_the_held_out_exams_and_refuses_training_images(trained,
     m = json.loads((out / "biometry_metrics.json").read_text())
     for key in ("dice_mean", "hausdorff_mm_mean", "hc_abs_diff_mm_mean", "hc_abs_diff_mm_sd", "disclaimer"):
         assert key in m
+    assert sum(b["n_images"] for b in m["by_reference_hc"]) == m["n_images"]
     assert (out / "biometry_images.csv").is_file() and (out / "bland_altman.png").is_file()
     assert "supports, and never replaces" in (out / "report.html").read_text()
     printed = capsys.readouterr().out

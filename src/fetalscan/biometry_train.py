@@ -630,9 +630,30 @@ def summarise(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
     within = within[np.isfinite(within)]
     for t in (2.0, 3.0, 5.0):
         out[f"share_hc_within_{t:g}mm"] = float((within <= t).mean()) if len(within) else math.nan
+    out["by_reference_hc"] = _by_hc_band(df)
     out["goal_hc_abs_diff_mm"] = GOAL_HC_ABS_DIFF_MM
     out["goal_met"] = bool(out["hc_abs_diff_mm_mean"] <= GOAL_HC_ABS_DIFF_MM) if len(within) else False
     return out
+
+
+#: Reference-HC bands (mm) for the breakdown of errors (roughly: first trimester, second, early and late third).
+HC_BANDS: tuple[tuple[float, float], ...] = ((0.0, 100.0), (100.0, 200.0), (200.0, 280.0), (280.0, math.inf))
+
+
+def _by_hc_band(df: pd.DataFrame) -> list[dict]:
+    """Mean absolute and relative HC difference per reference-HC band (small bands are flagged by n)."""
+    rows = []
+    for lo, hi in HC_BANDS:
+        s = df[(df["hc_ref_mm"] >= lo) & (df["hc_ref_mm"] < hi)]
+        err = s["hc_abs_diff_mm"].to_numpy(dtype=np.float64)
+        ok = np.isfinite(err)
+        rel = err[ok] / s["hc_ref_mm"].to_numpy(dtype=np.float64)[ok] * 100 if ok.any() else np.array([])
+        rows.append({"hc_ref_mm": f"{lo:.0f}-{hi:.0f}" if math.isfinite(hi) else f">={lo:.0f}",
+                     "n_images": int(len(s)), "n_exams": int(s["exam"].nunique()),
+                     "hc_abs_diff_mm_mean": float(err[ok].mean()) if ok.any() else math.nan,
+                     "hc_abs_diff_percent_mean": float(rel.mean()) if len(rel) else math.nan,
+                     "dice_mean": float(s["dice"].mean()) if len(s) else math.nan})
+    return rows
 
 
 def bland_altman_figure(df: pd.DataFrame, title: str):
