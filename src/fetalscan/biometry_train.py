@@ -44,14 +44,13 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .biometry import (
-    HeadMeasurement,
     HeadSegmenter,
     SegmenterConfig,
     as_binary_mask,
@@ -923,8 +922,3 @@ def _fmt(v, digits: int = 2) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
-
-
-def config_fields() -> list[str]:
-    """Field names of :class:`BiometryTrainConfig` (the CLI flags)."""
-    return [f.name for f in fields(BiometryTrainConfig)]
