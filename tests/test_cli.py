@@ -173,3 +173,30 @@ def test_cv_saves_fold_models_that_reproduce_the_out_of_fold_predictions(tmp_pat
         sub = ds.subset([ds.records.index(by_path[p]) for p in rows["path"]])
         probs = predict_dataset(loaded, sub, torch.device("cpu"))
         assert np.allclose(probs, rows[[f"p_{c}" for c in loaded.classes]].to_numpy(), atol=1e-5)
+
+
+def test_predict_plane_check_flags_but_keeps_images_off_the_brain_planes(
+    tmp_path: Path, toy_manifest, sononet_examples: Path, capsys
+) -> None:
+    import shutil
+
+    code, _, err = _run(capsys, "train", "--data", toy_manifest(groups=5, per_group=2), "--out", tmp_path / "m")
+    assert code == 0, err
+    new = tmp_path / "scans"
+    new.mkdir()
+    for name in ("BRAIN-TV.tiff", "FEMUR.tiff"):
+        shutil.copy(sononet_examples / name, new / name)
+    code, _, err = _run(capsys, "predict", "--model", tmp_path / "m" / "model.pt", "--data", new,
+                        "--out", tmp_path / "p", "--plane-check")
+    assert code == 0, err
+    preds = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    by_file = {Path(p).name: row for p, row in zip(preds["path"], preds.itertuples())}
+    assert len(preds) == 2  # flagged, not dropped
+    assert by_file["BRAIN-TV.tiff"].plane == "Brain (Tv.)" and bool(by_file["BRAIN-TV.tiff"].brain_plane)
+    assert by_file["FEMUR.tiff"].plane == "Femur" and not bool(by_file["FEMUR.tiff"].brain_plane)
+    assert "1 of 2 image(s) do not look like a brain plane" in err and "FEMUR.tiff" in err
+    patients = pd.read_csv(tmp_path / "p" / "patients.csv")
+    assert patients.set_index("group")["n_not_brain_plane"].to_dict() == {"BRAIN-TV": 0, "FEMUR": 1}
+    # without the flag the contract is unchanged
+    code, _, err = _run(capsys, "predict", "--model", tmp_path / "m" / "model.pt", "--data", new, "--out", tmp_path / "q")
+    assert code == 0 and "plane" not in pd.read_csv(tmp_path / "q" / "predictions.csv").columns

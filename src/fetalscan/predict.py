@@ -47,6 +47,10 @@ AGGREGATIONS = ("mean", "vote", "max_abnormal")
 META_COLUMNS = ("ga_weeks", "center", "device", "view")
 
 
+#: Columns added by ``fetalscan predict --plane-check`` (see :func:`add_plane_columns`).
+PLANE_COLUMNS: tuple[str, ...] = ("plane", "plane_confidence", "brain_plane")
+
+
 def prob_columns(classes: Sequence[str]) -> list[str]:
     """``p_<class>`` column names in class order."""
     return [f"p_{c}" for c in classes]
@@ -146,12 +150,14 @@ def aggregate_groups(
         }
         row.update(dict(zip(cols, scores)))
         row["aggregation"] = method
+        if PLANE_COLUMNS[2] in part:
+            row["n_not_brain_plane"] = int((~part[PLANE_COLUMNS[2]].astype(bool)).sum())
         for col in META_COLUMNS:
             if col in part:
                 vals = part[col].dropna()
                 row[col] = (vals.astype(float).mean() if col == "ga_weeks" else vals.iloc[0]) if len(vals) else None
         for col in part.columns[part.columns.get_loc("label_original") + 1:] if "label_original" in part else []:
-            if col not in row and col not in META_COLUMNS and part[col].nunique(dropna=False) == 1:
+            if col not in row and col not in META_COLUMNS and col not in PLANE_COLUMNS and part[col].nunique(dropna=False) == 1:
                 row[col] = part[col].iloc[0]  # extra manifest columns constant within the group
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -207,6 +213,23 @@ def labels_for_model(dataset: Dataset, classes: Sequence[str], class_map: dict[s
             mapped = None
         records.append(replace(r, label=mapped, label_original=r.label))
     return Dataset(records, list(classes), dataset.source, list(dataset.notes), dict(dataset.loading)), unknown
+
+
+def add_plane_columns(df: pd.DataFrame, planes: Sequence) -> pd.DataFrame:
+    """Add SonoNet's plane reading (``plane``, ``plane_confidence``, ``brain_plane``) to predictions.
+
+    ``planes`` are :class:`fetalscan.quality.PlaneResult` in the order of ``df``'s rows.
+    The rows are kept: an image off the brain planes is flagged, never dropped, because
+    an abnormal brain need not look like a standard plane.
+    """
+    if len(planes) != len(df):
+        raise ValueError(f"{len(planes)} plane results for {len(df)} predictions")
+    df = df.copy()
+    plane, confidence, brain = PLANE_COLUMNS
+    df[plane] = [p.plane for p in planes]
+    df[confidence] = [p.confidence for p in planes]
+    df[brain] = [p.is_brain for p in planes]
+    return df
 
 
 def write_prediction_files(out: Path, df: pd.DataFrame, classes: Sequence[str],

@@ -218,5 +218,35 @@ def classify_files(paths: Sequence[str | Path], device=None, *, crop: str | Sequ
     return classify_planes([read_image(Path(p)) for p in paths], device, crop=crop)
 
 
-__all__ = ["BRAIN_PLANES", "PlaneResult", "classify_files", "classify_planes", "crop_scanner_frame",
+def classify_records(records: Sequence, device=None, *, crop: str | Sequence[int] = "auto",
+                     batch_size: int = 16) -> list[PlaneResult]:
+    """:func:`classify_planes` on dataset records (files, DICOM frames, video frames).
+
+    Images are decoded once each, in batches, so a large dataset never sits in
+    memory whole. Results are in the order of ``records``.
+    """
+    from .data import iter_record_images
+    from .progress import track
+
+    results: list[PlaneResult | None] = [None] * len(records)
+    index: list[int] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        for i, res in zip(index, classify_planes(batch, device, crop=crop, batch_size=batch_size)):
+            results[i] = res
+        index.clear()
+        batch.clear()
+
+    for i, image in track(iter_record_images(records), "checking planes", total=len(records)):
+        index.append(i)
+        batch.append(image)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return results  # type: ignore[return-value]
+
+
+__all__ = ["BRAIN_PLANES", "PlaneResult", "classify_files", "classify_planes", "classify_records", "crop_scanner_frame",
            "is_brain_plane", "load_plane_model", "parse_crop"]

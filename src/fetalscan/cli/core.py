@@ -99,6 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal")
     p.add_argument("--normal-class", default="normal", help="normal class (for max_abnormal)")
     p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
+    p.add_argument("--plane-check", action="store_true",
+                   help="name each image's standard plane with SonoNet-16 and flag images that are not a "
+                   "brain plane (transventricular / transcerebellar); flagged rows are kept")
+    p.add_argument("--crop", default="auto",
+                   help="scanner-frame crop for --plane-check: auto, none or x0,y0,x1,y1 (docs/biometry.md)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -162,10 +167,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..fileio import check_out_dir
-    from ..predict import labels_for_model, predict_dataset, predictions_frame, write_prediction_files
+    from ..predict import (
+        add_plane_columns,
+        labels_for_model,
+        predict_dataset,
+        predictions_frame,
+        write_prediction_files,
+    )
+    from ..quality import classify_records, parse_crop
     from ..runtime import resolve_device
 
     setup_progress(args)
+    crop = parse_crop(args.crop)
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model, device)
     dataset = _load(args, require_labels=False)
@@ -176,6 +189,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out, args.overwrite)
     probs = predict_dataset(loaded, dataset, device, args.batch_size)
     df = predictions_frame(dataset.records, probs, loaded.classes)
+    if args.plane_check:
+        df = add_plane_columns(df, classify_records(dataset.records, device, crop=crop))
+        off = df.loc[~df["brain_plane"]]
+        if len(off):
+            shown = ", ".join(f"{Path(p).name} ({pl}, {c:.2f})" for p, pl, c in
+                              off[["path", "plane", "plane_confidence"]].head(5).itertuples(index=False))
+            warn_line(f"{len(off)} of {len(df)} image(s) do not look like a brain plane (SonoNet-16): "
+                      f"{shown}{' ...' if len(off) > 5 else ''}. Their predictions are kept and flagged "
+                      "in the 'brain_plane' column; read them with care.")
     write_prediction_files(out, df, loaded.classes, args.aggregate, args.normal_class)
     info_line(f"{len(df)} images, {df['group'].nunique()} groups -> {out}/predictions.csv, {out}/patients.csv")
     return 0
