@@ -17,7 +17,6 @@ Run:  python benchmarks/cv_speed.py [--sample-folds 8] [--epochs 10] [--all-fold
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -631,56 +631,27 @@ def save_segmenter(path: str | Path, model, cfg: SegmenterConfig, *, calibration
                    training: dict | None = None, data: dict | None = None,
                    provenance: dict | None = None) -> Path:
     """Write a segmenter checkpoint atomically (plain dict, ``weights_only`` loadable)."""
-    import torch
+    from .checkpoint import cpu_state, save_blob
 
-    from . import __version__
-    from .fileio import write_bytes
-
-    blob = {
-        "format": SEGMENTER_FORMAT,
-        "format_version": SEGMENTER_FORMAT_VERSION,
-        "fetalscan_version": __version__,
-        "task": "fetal head segmentation -> ellipse -> HC/BPD/OFD",
-        "architecture": {"family": "smp.Unet", **cfg.to_dict()},
-        "preprocessing": cfg.preprocessing().to_dict(),
-        "calibration": dict(calibration),
-        "training": training or {},
-        "data": data or {},
-        "provenance": provenance or {},
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-    }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    return write_bytes(path, buf.getvalue())
+    return save_blob(
+        path, SEGMENTER_FORMAT, format_version=SEGMENTER_FORMAT_VERSION,
+        task="fetal head segmentation -> ellipse -> HC/BPD/OFD",
+        architecture={"family": "smp.Unet", **cfg.to_dict()},
+        preprocessing=cfg.preprocessing().to_dict(),
+        calibration=dict(calibration),
+        training=training or {},
+        data=data or {},
+        provenance=provenance or {},
+        state_dict=cpu_state(model.state_dict()),
+    )
 
 
 def read_segmenter_checkpoint(path: str | Path) -> dict:
     """Read and validate a segmenter checkpoint dict (format, version, fields)."""
-    import torch
+    from .checkpoint import load_blob
 
-    from . import __version__
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): {exc}") from exc
-    fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-    if fmt != SEGMENTER_FORMAT:
-        hint = " (a classifier: use `fetalscan predict`)" if fmt == "fetalscan-classifier" else ""
-        raise CheckpointError(f"{path} is not a fetalscan head-segmenter checkpoint (format {fmt!r}){hint}; "
-                              "train one with `fetalscan biometry train`")
-    version = blob.get("format_version")
-    if version != SEGMENTER_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: segmenter format_version {version} (fetalscan "
-                              f"{blob.get('fetalscan_version', '?')}); this fetalscan {__version__} reads "
-                              f"format_version {SEGMENTER_FORMAT_VERSION}")
-    for key in ("architecture", "calibration", "state_dict"):
-        if key not in blob:
-            raise CheckpointError(f"{path}: checkpoint lacks the field {key!r}")
-    return blob
+    return load_blob(path, SEGMENTER_FORMAT, "head-segmenter checkpoint", format_version=SEGMENTER_FORMAT_VERSION,
+                     required=("architecture", "calibration", "state_dict"))
 
 
 def config_from_architecture(arch: dict, where: str = "checkpoint") -> SegmenterConfig:

@@ -39,7 +39,6 @@ measurement of fetal head circumference using 2D ultrasound images. PLoS ONE
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 import math
 import time
@@ -111,16 +110,10 @@ def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True) -> 
     non-numeric / non-positive pixel size or HC. An empty ``pixel_size_mm`` is
     allowed (that image is then measured in pixels).
     """
+    from .data import read_csv_table
+
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"manifest not found: {csv_path}")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{csv_path} is not a readable CSV file: {exc}") from exc
+    columns, rows = read_csv_table(csv_path)
     required = ["image", "exam"] + (["mask"] if require_masks else [])
     names = {k: _column(columns, k) for k in _ALIASES}
     missing = [k for k in required if names[k] is None]
@@ -159,13 +152,12 @@ def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True) -> 
 
 
 def _positive(row: dict, col: str | None, line: int, csv_path: Path) -> float | None:
+    from .data import parse_float
+
     value = row.get(col, "") if col else ""
-    if value == "":
+    v = parse_float(value, col or "", line, csv_path)
+    if v is None:
         return None
-    try:
-        v = float(value)
-    except ValueError:
-        raise DataError(f"{csv_path}, line {line}, field {col!r}: expected a number, got {value!r}") from None
     if not math.isfinite(v) or v <= 0:
         raise DataError(f"{csv_path}, line {line}, field {col!r}: must be a positive number, got {value!r}")
     return v

@@ -63,16 +63,25 @@ def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def save_blob(path: str | Path, fmt: str, **fields) -> Path:
+#: What each fetalscan file format is, and the command that reads it (for error messages).
+KNOWN_FORMATS: dict[str, str] = {
+    "fetalscan-classifier": "a classifier checkpoint: use `fetalscan predict` / `fetalscan evaluate`",
+    "fetalscan-fold-models": "a cv run's fold models: use `fetalscan explain --run`",
+    "fetalscan-segmenter": "a head-segmenter checkpoint: use `fetalscan biometry predict`",
+}
+
+
+def save_blob(path: str | Path, fmt: str, *, format_version: int = FORMAT_VERSION, **fields) -> Path:
     """Write a fetalscan file (a plain dict with ``format``, ``format_version``,
     ``fetalscan_version`` and ``fields``) with ``torch.save``, atomically."""
-    blob = {"format": fmt, "format_version": FORMAT_VERSION, "fetalscan_version": __version__, **fields}
+    blob = {"format": fmt, "format_version": format_version, "fetalscan_version": __version__, **fields}
     buf = io.BytesIO()
     torch.save(blob, buf)
     return write_bytes(path, buf.getvalue())
 
 
-def load_blob(path: str | Path, fmt: str, what: str = "checkpoint") -> dict:
+def load_blob(path: str | Path, fmt: str, what: str = "checkpoint", *,
+              format_version: int = FORMAT_VERSION, required: tuple[str, ...] = ()) -> dict:
     """Read a file written by :func:`save_blob` and check its format and version.
 
     Raises :class:`CheckpointError` naming the file for a missing, corrupt or
@@ -87,17 +96,22 @@ def load_blob(path: str | Path, fmt: str, what: str = "checkpoint") -> dict:
         raise CheckpointError(f"{path} is not a readable {what} (corrupt or not a torch file): {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise CheckpointError(f"{path} is not a fetalscan {what} (field 'format' is {found!r}, expected {fmt!r})")
+        hint = f"; it is {KNOWN_FORMATS[found]}" if found in KNOWN_FORMATS else ""
+        raise CheckpointError(f"{path} is not a fetalscan {what} (field 'format' is {found!r}, "
+                              f"expected {fmt!r}){hint}")
     version = blob.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+    if version != format_version:
+        newer = isinstance(version, int) and version > format_version
         raise CheckpointError(
             f"{path}: {what} format_version {version} "
             f"({'made by a newer' if newer else 'from an older'} fetalscan "
             f"{blob.get('fetalscan_version', '?')}); this fetalscan {__version__} reads "
-            f"format_version {FORMAT_VERSION}. "
+            f"format_version {format_version}. "
             + ("Upgrade fetalscan." if newer else "Retrain the model with this version.")
         )
+    missing = [k for k in required if k not in blob]
+    if missing:
+        raise CheckpointError(f"{path}: {what} lacks the field(s) {', '.join(missing)}")
     return blob
 
 
@@ -129,11 +143,8 @@ def save_checkpoint(
 
 def read_checkpoint(path: str | Path) -> dict:
     """Read and validate the checkpoint dict without building the model."""
-    blob = load_blob(path, FORMAT, "classifier checkpoint")
-    for key in ("architecture", "classes", "preprocessing", "state_dict"):
-        if key not in blob:
-            raise CheckpointError(f"{path}: checkpoint lacks the field {key!r}")
-    return blob
+    return load_blob(path, FORMAT, "classifier checkpoint",
+                     required=("architecture", "classes", "preprocessing", "state_dict"))
 
 
 def _model_from_blob(path: Path, blob: dict) -> tuple[nn.Module, list[str]]:

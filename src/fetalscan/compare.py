@@ -253,7 +253,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, level: str = "patient"
     bd = np.concatenate(boots) if boots else np.zeros((0, 2))
     acc["ci_bootstrap"] = percentile_interval(bd[:, 0] - bd[:, 1], confidence)
 
-    per_class, macro_a, macro_b = {}, [], []
+    per_class, macro_a = {}, []
     for j, c in enumerate(classes):
         pos = y == c
         if 0 < pos.sum() < len(y):

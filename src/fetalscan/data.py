@@ -284,7 +284,25 @@ def expand_file(
 # --------------------------------------------------------------------------- manifest
 
 
-def _parse_float(value: str, field_name: str, line: int, csv_path: Path) -> float | None:
+def read_csv_table(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Column names (stripped) and rows of a manifest CSV (UTF-8, BOM allowed).
+
+    Raises :class:`DataError` naming the file when it is missing or not readable as CSV.
+    """
+    if not csv_path.is_file():
+        raise DataError(f"manifest not found: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path} is not a readable CSV file: {exc}") from exc
+    return columns, rows
+
+
+def parse_float(value: str, field_name: str, line: int, csv_path: Path) -> float | None:
+    """A manifest cell as a float (``None`` when empty); a clear error naming file, line and field."""
     value = value.strip()
     if value == "":
         return None
@@ -305,15 +323,7 @@ def load_manifest(csv_path: Path, require_labels: bool = True, every_nth: int = 
     that carries two labels.
     """
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"manifest not found: {csv_path}")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{csv_path} is not a readable CSV file: {exc}") from exc
+    columns, rows = read_csv_table(csv_path)
     required = REQUIRED_COLUMNS if require_labels else ("path",)
     missing = [c for c in required if c not in columns]
     if missing:
@@ -340,8 +350,8 @@ def load_manifest(csv_path: Path, require_labels: bool = True, every_nth: int = 
         if not path.is_file():
             raise DataError(f"{csv_path}, line {line}, field 'path': file does not exist: {rel}")
         meta = {
-            "ga_weeks": _parse_float(row.get("ga_weeks", ""), "ga_weeks", line, csv_path),
-            "pixel_spacing_mm": _parse_float(row.get("pixel_spacing_mm", ""), "pixel_spacing_mm", line, csv_path),
+            "ga_weeks": parse_float(row.get("ga_weeks", ""), "ga_weeks", line, csv_path),
+            "pixel_spacing_mm": parse_float(row.get("pixel_spacing_mm", ""), "pixel_spacing_mm", line, csv_path),
             "center": row.get("center") or None,
             "device": row.get("device") or None,
             "view": row.get("view") or None,
