@@ -24,6 +24,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/biometry_speed.py
+	$(BIN)/python benchmarks/explain_speed.py
 	$(BIN)/python benchmarks/cv_speed.py
 
 clean:

@@ -35,6 +35,9 @@ _HELP = {
 }
 _SKIP = {"seed", "device"}
 
+#: Place of these commands in ``fetalscan --help`` (the order in which data flow through them).
+ORDER = 40
+
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from ..biometry_train import BiometryTrainConfig

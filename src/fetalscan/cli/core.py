@@ -53,6 +53,9 @@ _HELP = {
 _SKIP = {"seed", "device"}  # provided by add_runtime_options
 _RENAME = {"scheme": "cv"}
 
+#: Place of these commands in ``fetalscan --help`` (the order in which data flow through them).
+ORDER = 10
+
 
 def _add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", type=Path, required=required,

@@ -29,6 +29,9 @@ _HELP = {
     "n_perm": "permutations of the subgroup heterogeneity test",
 }
 
+#: Place of these commands in ``fetalscan --help`` (the order in which data flow through them).
+ORDER = 20
+
 
 def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     """Add one flag per :class:`~fetalscan.evaluate.EvaluationConfig` field (``seed`` excepted:

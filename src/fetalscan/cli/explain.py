@@ -43,6 +43,9 @@ _HELP = {
 }
 _SKIP = {"seed", "batch_size"}
 
+#: Place of these commands in ``fetalscan --help`` (the order in which data flow through them).
+ORDER = 30
+
 
 def _add_options(p: argparse.ArgumentParser, cls, title: str, skip: set[str] = frozenset()) -> None:
     """Flags of a config dataclass (``--head-masks`` defaults to ``auto`` on the command line)."""
