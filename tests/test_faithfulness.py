@@ -114,6 +114,18 @@ def test_real_heatmaps_beat_random_maps_and_fail_no_sanity_check(trained):
     assert any("Adebayo" in n for n in result["notes"])
 
 
+def test_random_baseline_does_not_depend_on_the_list_of_methods(trained):
+    loaded, records, _ = trained
+    base = dict(n_images=6, steps=4, baseline="mean", random_maps=2, randomisation_images=1,
+                head_masks=None, n_boot=10)
+    one = evaluate_faithfulness([Unit(loaded, records[:6], "tiny", "features")],
+                                FaithfulnessConfig(methods="gradcam", **base))
+    two = evaluate_faithfulness([Unit(loaded, records[:6], "tiny", "features")],
+                                FaithfulnessConfig(methods="gradcam++,gradcam", **base))
+    for key in ("random_deletion_auc", "random_insertion_auc"):
+        assert one["methods"]["gradcam"][key] == two["methods"]["gradcam"][key], key
+
+
 def test_random_maps_score_at_chance_on_energy_and_similarity():
     rng = np.random.default_rng(0)
     maps = random_saliency(2, (4, 5), (40, 50), rng)

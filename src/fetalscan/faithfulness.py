@@ -448,7 +448,7 @@ def evaluate_faithfulness(units: Sequence[Unit], cfg: FaithfulnessConfig | None 
     cfg.validate()
     device = torch.device(device)
     methods = parse_methods(cfg.methods)
-    acc = _Accumulator(methods, np.random.default_rng(cfg.seed))
+    acc = _Accumulator(methods, cfg.seed)
     for u_index, unit in enumerate(units):
         if unit.records:
             with preserved_model_state(unit.loaded.model):
@@ -463,8 +463,10 @@ def evaluate_faithfulness(units: Sequence[Unit], cfg: FaithfulnessConfig | None 
 class _Accumulator:
     """Per-image results of every unit, in order."""
 
-    def __init__(self, methods: Sequence[str], rng: np.random.Generator) -> None:
-        self.rng = rng
+    def __init__(self, methods: Sequence[str], seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        # a stream of its own, so the random-map baseline does not depend on the list of methods
+        self.random_rng = np.random.default_rng([seed, 1])
         self.per: dict[str, dict[str, list]] = {m: {"del": [], "ins": [], "stages": []} for m in methods}
         self.rand: dict[str, list] = {"del": [], "ins": []}
         self.groups: list[str] = []
@@ -491,15 +493,16 @@ def _evaluate_unit(u_index: int, unit: Unit, methods: list[str], cfg: Faithfulne
         trained_maps[m] = maps
     ends = (_probs(model, xd.float(), pre, targets, temp), _probs(model, based, pre, targets, temp))
 
-    def curves(maps):
+    def curves(maps, rng):
         return perturbation_curves(model, xd, maps, targets, pre, based, cfg.steps, temp, cfg.batch_size,
-                                   acc.rng, ends)
+                                   rng, ends)
 
     for m in methods:
-        d, i = curves(trained_maps[m])
+        d, i = curves(trained_maps[m], acc.rng)
         acc.per[m]["del"].append(d)
         acc.per[m]["ins"].append(i)
-    random_curves = [curves(random_saliency(len(x), feat, x.shape[-2:], acc.rng)) for _ in range(cfg.random_maps)]
+    random_curves = [curves(random_saliency(len(x), feat, x.shape[-2:], acc.random_rng), acc.random_rng)
+                     for _ in range(cfg.random_maps)]
     acc.rand["del"].append(np.mean([d for d, _ in random_curves], axis=0))
     acc.rand["ins"].append(np.mean([i for _, i in random_curves], axis=0))
     # cascading randomisation, on the first images up to cfg.randomisation_images in all
