@@ -199,8 +199,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{Path(p).name} ({pl}, {c:.2f})" for p, pl, c in
                               off[["path", "plane", "plane_confidence"]].head(5).itertuples(index=False))
             warn_line(f"{len(off)} of {len(df)} image(s) do not look like a brain plane (SonoNet-16): "
-                      f"{shown}{' ...' if len(off) > 5 else ''}. Their predictions are kept and flagged "
-                      "in the 'brain_plane' column; read them with care.")
+                      f"{shown}{', ...' if len(off) > 5 else ''}; their predictions are kept and flagged "
+                      "in the 'brain_plane' column: read them with care.")
     write_prediction_files(out, df, loaded.classes, args.aggregate, args.normal_class)
     info_line(f"{len(df)} images, {df['group'].nunique()} groups -> {out}/predictions.csv, {out}/patients.csv")
     return 0
