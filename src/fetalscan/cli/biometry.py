@@ -258,17 +258,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from ..data import iter_record_images, load_dataset
-    from ..quality import classify_planes, parse_crop
+    from ..data import load_dataset
+    from ..quality import classify_records, parse_crop
     from ..runtime import resolve_device
 
     crop = parse_crop(args.crop)
     device = resolve_device(args.device)
     records = [r for p in args.images for r in load_dataset(p, require_labels=False, every_nth=args.every_nth).records]
-    images: list = [None] * len(records)
-    for i, image in iter_record_images(records):
-        images[i] = image
-    results = classify_planes(images, device, crop=crop)
+    results = classify_records(records, device, crop=crop)
     rows = []
     for rec, r in zip(records, results):
         name = rec.path.name + (f"#{rec.frame}" if rec.frame is not None else "")
