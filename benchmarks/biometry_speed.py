@@ -27,7 +27,7 @@ HC18 = REPO.parent / "shared" / "data" / "hc18" / "manifest.csv"
 
 
 def _images(manifest: Path, n: int):
-    from fetalscan.data import read_image
+    from fetalscan.data.records import read_image
 
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -40,7 +40,8 @@ def _images(manifest: Path, n: int):
 
 
 def _segmenter(model: Path | None, backend: str):
-    from fetalscan.biometry import HeadSegmenter, SegmenterConfig, build_segmenter
+    from fetalscan.biometry.segmenter import HeadSegmenter
+    from fetalscan.models.segmenters import SegmenterConfig, build_segmenter
 
     if model is not None and model.is_file():
         return HeadSegmenter.load(model, "cpu", backend)
@@ -79,12 +80,12 @@ def main() -> None:
     eager = _segmenter(args.model, "torch")
     ours = _segmenter(args.model, "onnx")
     ours._session = None
-    from fetalscan.biometry import onnx_session
+    from fetalscan.biometry.segmenter import onnx_session
 
     ours._session = onnx_session(ours.model, ours.cfg, threads=args.threads)
 
     def baseline(image, ps):
-        from fetalscan.transforms import normalize
+        from fetalscan.data.transforms import normalize
 
         x = normalize(eager.prepare(image)[None], eager.pre)
         with torch.no_grad():

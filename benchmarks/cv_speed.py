@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fetalscan.data import apply_rare_class_policy, load_dataset, prepare_images
-from fetalscan.evaluate import metrics_from_frame
+from fetalscan.data.records import load_dataset, prepare_images
+from fetalscan.evaluation.metrics import metrics_from_frame
 from fetalscan.fileio import package_versions, write_json
-from fetalscan.models import get_backbone_spec
-from fetalscan.pipeline import cross_validate_folds
-from fetalscan.predict import aggregate_groups, predictions_frame
-from fetalscan.splits import make_folds
-from fetalscan.train import TrainConfig
+from fetalscan.inference.predict import aggregate_groups, predictions_frame
+from fetalscan.models.registry import get_backbone_spec
+from fetalscan.splits import apply_rare_class_policy, make_folds
+from fetalscan.training.loop import TrainConfig
+from fetalscan.training.study import cross_validate_folds
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fetal_brain" / "manifest.csv"
 

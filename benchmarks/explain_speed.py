@@ -33,7 +33,7 @@ SAMPLE = REPO / "examples" / "fetal_brain_sample" / "manifest.csv"
 
 
 def _images(manifest: Path, n: int):
-    from fetalscan.data import iter_record_images, load_dataset
+    from fetalscan.data.records import iter_record_images, load_dataset
 
     records = load_dataset(manifest).records
     step = max(1, len(records) // n)
@@ -42,9 +42,13 @@ def _images(manifest: Path, n: int):
 
 
 def _loaded(backbone: str, model: Path | None, n_classes: int = 4):
-    from fetalscan.checkpoint import LoadedModel, architecture_of, load_checkpoint
-    from fetalscan.models import get_backbone_spec
-    from fetalscan.train import TrainConfig, new_model
+    from fetalscan.models.checkpoint import (
+        LoadedModel,
+        architecture_of,
+        load_checkpoint,
+    )
+    from fetalscan.models.registry import get_backbone_spec
+    from fetalscan.training.loop import TrainConfig, new_model
 
     if model is not None:
         return load_checkpoint(model, "cpu")
@@ -64,9 +68,9 @@ def _per_image_ms(fn, n_images: int) -> float:
 def bench(loaded, images, batch: int, repeats: int, methods: list[str], scorecam: bool) -> None:
     import torch
 
-    from fetalscan.explain import METHODS, compute_cams, layer_for, resize_heatmap
-    from fetalscan.train import predict_logits
-    from fetalscan.transforms import normalize, prepare
+    from fetalscan.data.transforms import normalize, prepare
+    from fetalscan.explain.cams import METHODS, compute_cams, layer_for, resize_heatmap
+    from fetalscan.inference.predict import predict_logits
 
     pre, model = loaded.preprocessing, loaded.model
     layer = layer_for(loaded)

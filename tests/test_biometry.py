@@ -9,30 +9,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_png
 
-from fetalscan.biometry import (
+from fetalscan.biometry.geometry import (
     Ellipse,
-    HeadSegmenter,
-    build_segmenter,
     draw_overlay,
     fit_head_ellipse,
     hadlock_ga,
     measure_mask,
     ramanujan_perimeter,
-    read_segmenter_checkpoint,
 )
-from fetalscan.biometry_train import (
+from fetalscan.biometry.scoring import dice, hausdorff_mm
+from fetalscan.biometry.segmenter import HeadSegmenter
+from fetalscan.biometry.training import (
     BiometryTrainConfig,
     calibrate_axis_offset,
-    dice,
-    hausdorff_mm,
-    load_biometry_manifest,
     prepare_set,
-    read_mask,
 )
+from fetalscan.data.hc18 import load_biometry_manifest, read_mask
 from fetalscan.errors import CheckpointError, DataError
-
-from conftest import write_png
+from fetalscan.models.segmenters import build_segmenter, read_segmenter_checkpoint
 
 # --------------------------------------------------------------------------- helpers
 
@@ -263,7 +259,7 @@ def hc18(shared_data: Path) -> Path:
 def test_ellipse_fit_on_reference_masks_reproduces_the_reference_hc(hc18):
     """Measurement error alone: the masks reach ~1.4 px beyond the reference ellipse (drawing convention)."""
     items = load_biometry_manifest(hc18)[::40]
-    from fetalscan.data import read_image
+    from fetalscan.data.records import read_image
 
     ellipses, ref = [], []
     for it in items:
@@ -283,7 +279,7 @@ def test_ellipse_fit_on_reference_masks_reproduces_the_reference_hc(hc18):
 def test_training_on_a_small_hc18_subset_lowers_the_loss_and_beats_a_trivial_baseline(hc18):
     import torch
 
-    from fetalscan.biometry_train import fit_segmenter, predict_low_res
+    from fetalscan.biometry.training import fit_segmenter, predict_low_res
 
     items = load_biometry_manifest(hc18)
     items = [it for it in items if it.exam < "200"][:48]

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import brier_score_loss, log_loss
 
-from fetalscan.calibration import (
+from fetalscan.errors import DataError
+from fetalscan.evaluation.calibration import (
     apply_temperature,
     brier_score,
     calibration_errors_weighted,
@@ -19,8 +20,7 @@ from fetalscan.calibration import (
     reliability_bins,
     temperature_block,
 )
-from fetalscan.errors import DataError
-from fetalscan.evaluate import final_model_calibration
+from fetalscan.evaluation.calibration_analysis import final_model_calibration
 
 
 def calibrated_sample(n: int, k: int = 4, seed: int = 0, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

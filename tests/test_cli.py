@@ -155,9 +155,9 @@ def test_cv_saves_fold_models_that_reproduce_the_out_of_fold_predictions(tmp_pat
     import numpy as np
     import torch
 
-    from fetalscan.checkpoint import load_fold_model
-    from fetalscan.data import load_dataset
-    from fetalscan.predict import predict_dataset
+    from fetalscan.data.records import load_dataset
+    from fetalscan.inference.predict import predict_dataset
+    from fetalscan.models.checkpoint import load_fold_model
 
     m = toy_manifest(groups=5, per_group=2)
     out = tmp_path / "run"

@@ -12,9 +12,14 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from fetalscan.cli import main
-from fetalscan.compare import compare_runs, delong_covariance, delong_test, mcnemar_test
 from fetalscan.errors import DataError
-from fetalscan.predict import aggregate_groups
+from fetalscan.evaluation.compare import (
+    compare_runs,
+    delong_covariance,
+    delong_test,
+    mcnemar_test,
+)
+from fetalscan.inference.predict import aggregate_groups
 
 CLASSES = ["cyst", "normal", "ventriculomegaly"]
 

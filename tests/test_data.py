@@ -9,15 +9,15 @@ import pytest
 from conftest import blob_image, write_manifest, write_png
 from PIL import Image
 
-from fetalscan.data import (
-    apply_rare_class_policy,
+from fetalscan.data.records import (
     load_dataset,
     prepare_images,
     read_image,
     read_record_image,
 )
 from fetalscan.errors import DataError, ImageReadError, SplitError
-from fetalscan.models import get_backbone_spec
+from fetalscan.models.registry import get_backbone_spec
+from fetalscan.splits import apply_rare_class_policy
 
 # --------------------------------------------------------------------------- real data
 
@@ -83,7 +83,7 @@ def test_grey_and_rgb_copies_prepare_identically(tmp_path: Path) -> None:
     write_png(tmp_path / "c.png", np.repeat(grey[..., None], 3, axis=2))
     for name in ("sononet16", "resnet34"):
         pre = get_backbone_spec(name).preprocessing
-        from fetalscan.transforms import prepare
+        from fetalscan.data.transforms import prepare
 
         a = prepare(read_image(tmp_path / "g.png"), pre)
         b = prepare(read_image(tmp_path / "c.png"), pre)

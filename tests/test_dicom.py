@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from fetalscan.dicom import (
+from fetalscan.data.dicom import (
     DicomInfo,
     frame_indices,
     is_dicom,

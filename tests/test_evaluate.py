@@ -13,25 +13,25 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
 from fetalscan.errors import DataError
-from fetalscan.evaluate import (
-    EvaluationConfig,
+from fetalscan.evaluation.bootstrap import (
     add_confidence_intervals,
-    classification_metrics,
-    evaluate_run,
-    ga_bin,
     group_bootstrap_weights,
-    heterogeneity_test,
     metrics_with_ci,
-    read_predictions,
-    screening_analysis,
-    screening_threshold,
-    subgroup_analysis,
-    subgroup_columns,
     weighted_auroc,
     weighted_average_precision,
-    wilson_interval,
 )
-from fetalscan.predict import aggregate_groups
+from fetalscan.evaluation.config import EvaluationConfig
+from fetalscan.evaluation.metrics import classification_metrics, wilson_interval
+from fetalscan.evaluation.runs import read_predictions
+from fetalscan.evaluation.screening import screening_analysis, screening_threshold
+from fetalscan.evaluation.subgroups import (
+    ga_bin,
+    heterogeneity_test,
+    subgroup_analysis,
+    subgroup_columns,
+)
+from fetalscan.inference.predict import aggregate_groups
+from fetalscan.report.runs import evaluate_run
 
 CLASSES = ["cyst", "normal", "ventriculomegaly"]
 

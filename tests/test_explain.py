@@ -14,19 +14,19 @@ import torch
 from conftest import blob_image, write_manifest, write_png
 from torch import nn
 
-from fetalscan.checkpoint import LoadedModel
 from fetalscan.cli import main
+from fetalscan.data.transforms import Preprocessing
 from fetalscan.errors import FetalscanError, ModelError
-from fetalscan.explain import (
+from fetalscan.explain.cams import (
     ExplainConfig,
     compute_cams,
     explain_arrays,
     method_key,
     overlay,
     parse_methods,
-    select_gallery,
 )
-from fetalscan.models import Preprocessing
+from fetalscan.explain.gallery import select_gallery
+from fetalscan.models.checkpoint import LoadedModel
 
 TINY_PRE = Preprocessing(input_size=(48, 64), channels=3)  # (H, W), ImageNet normalisation
 
@@ -173,7 +173,7 @@ def test_non_spatial_layer_and_unknown_method_and_unregistered_backbone_are_clea
 
 
 def test_overlay_has_the_original_size_and_keeps_cold_pixels(shared_data):
-    from fetalscan.data import read_image
+    from fetalscan.data.records import read_image
 
     image = read_image(shared_data / "hc18" / "images" / "000_HC.png")  # 800 x 540, not the 224 x 288 input
     heat = np.zeros((224, 288), np.float32)
@@ -186,10 +186,10 @@ def test_overlay_has_the_original_size_and_keeps_cold_pixels(shared_data):
 
 
 def test_sononet_heatmaps_on_real_images_have_the_original_size(shared_data):
-    from fetalscan.checkpoint import architecture_of
-    from fetalscan.data import read_image
-    from fetalscan.models import get_backbone_spec
-    from fetalscan.train import TrainConfig, new_model
+    from fetalscan.data.records import read_image
+    from fetalscan.models.checkpoint import architecture_of
+    from fetalscan.models.registry import get_backbone_spec
+    from fetalscan.training.loop import TrainConfig, new_model
 
     cfg = TrainConfig()
     loaded = LoadedModel(new_model(cfg, 3).eval(), ["x", "y", "z"], get_backbone_spec("sononet16").preprocessing,
@@ -232,11 +232,11 @@ def test_gallery_picks_the_most_confident_tp_fp_and_fn_per_class():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A 2-fold cached-SonoNet CV run on 10 tiny two-class images, and an (untrained-head) checkpoint."""
-    from fetalscan.checkpoint import architecture_of, save_checkpoint
-    from fetalscan.data import load_dataset
-    from fetalscan.models import get_backbone_spec
-    from fetalscan.pipeline import CVConfig, run_cv
-    from fetalscan.train import TrainConfig, new_model
+    from fetalscan.data.records import load_dataset
+    from fetalscan.models.checkpoint import architecture_of, save_checkpoint
+    from fetalscan.models.registry import get_backbone_spec
+    from fetalscan.training.loop import TrainConfig, new_model
+    from fetalscan.training.study import CVConfig, run_cv
 
     root = tmp_path_factory.mktemp("toy")
     rows = []
@@ -317,7 +317,7 @@ def test_cli_explain_run_writes_gallery_and_faithfulness_with_fold_models(toy_ru
 def test_eigencam_is_the_library_projection_oriented_towards_strong_activations():
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
-    from fetalscan.explain import eigen_projection
+    from fetalscan.explain.cams import eigen_projection
 
     for channels in (16, 200):  # fewer and more channels than the 63 pixels
         act = np.abs(np.random.default_rng(channels).normal(size=(4, channels, 7, 9))).astype(np.float32)

@@ -12,9 +12,9 @@ import torch
 from conftest import blob_image, write_manifest, write_png
 from torch import nn
 
-from fetalscan.checkpoint import LoadedModel
+from fetalscan.data.transforms import Preprocessing
 from fetalscan.errors import DataError
-from fetalscan.faithfulness import (
+from fetalscan.explain.faithfulness import (
     FaithfulnessConfig,
     Unit,
     curve_auc,
@@ -28,7 +28,7 @@ from fetalscan.faithfulness import (
     spearman_similarity,
     ssim,
 )
-from fetalscan.models import Preprocessing
+from fetalscan.models.checkpoint import LoadedModel
 
 SIZE = 32
 PRE = Preprocessing(input_size=(SIZE, SIZE), channels=3)
@@ -57,8 +57,8 @@ class TinyCNN(nn.Module):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny CNN trained here to tell a bright disc (class 'bright') from a dim one."""
-    from fetalscan.data import load_dataset
-    from fetalscan.transforms import normalize
+    from fetalscan.data.records import load_dataset
+    from fetalscan.data.transforms import normalize
 
     root = tmp_path_factory.mktemp("discs")
     rows, mrows, xs, ys = [], [], [], []
@@ -152,8 +152,8 @@ def test_curve_auc_and_energy_in_mask_edge_cases():
 
 
 def test_perturbation_curves_start_at_the_image_and_end_at_the_baseline(trained):
-    from fetalscan.data import prepare_images
-    from fetalscan.faithfulness import baseline_images
+    from fetalscan.data.records import prepare_images
+    from fetalscan.explain.faithfulness import baseline_images
 
     loaded, records, _ = trained
     x, _ = prepare_images(records[:3], PRE)
@@ -162,7 +162,7 @@ def test_perturbation_curves_start_at_the_image_and_end_at_the_baseline(trained)
     maps = random_saliency(3, (8, 8), (SIZE, SIZE), np.random.default_rng(1))
     targets = np.array([1, 1, 1])
     d, i = perturbation_curves(loaded.model, x, maps, targets, PRE, base, steps=4)
-    from fetalscan.transforms import normalize
+    from fetalscan.data.transforms import normalize
 
     with torch.no_grad():
         p_x = torch.softmax(loaded.model(normalize(x, PRE)), 1)[:, 1].numpy()
@@ -175,7 +175,7 @@ def test_perturbation_curves_start_at_the_image_and_end_at_the_baseline(trained)
 
 
 def test_randomisation_cascades_from_the_head_and_never_touches_the_model():
-    from fetalscan.train import TrainConfig, new_model
+    from fetalscan.training.loop import TrainConfig, new_model
 
     model = new_model(TrainConfig(pretrained="none"), 3).eval()  # cached SonoNet-16 head
     stages = randomisation_stages(model, "adaption")
@@ -206,7 +206,7 @@ def test_head_mask_sampling_one_per_exam_and_clear_errors(tmp_path, shared_data)
     missing = write_manifest(tmp_path / "m.csv", [{"image": "a.png", "mask": "b.png"}])
     with pytest.raises(DataError, match=r"m.csv, line 2, field 'image': file does not exist"):
         sample_head_masks(missing, 3)
-    from fetalscan.faithfulness import read_mask
+    from fetalscan.explain.faithfulness import read_mask
 
     write_png(tmp_path / "small.png", np.zeros((5, 7), np.uint8))
     with pytest.raises(DataError, match="is 7x5 but its image is 800x540"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fetalscan.errors import ModelError
-from fetalscan.models import (
+from fetalscan.models.registry import (
     create_model,
     embedding_dim,
     get_backbone_spec,
@@ -17,7 +17,12 @@ from fetalscan.models import (
     list_backbones,
     load_imagenet_backbone,
 )
-from fetalscan.models.sononet import SONONET16_SHA256, SONONET16_WEIGHTS, SONONET_PLANES, sononet16
+from fetalscan.models.sononet import (
+    SONONET16_SHA256,
+    SONONET16_WEIGHTS,
+    SONONET_PLANES,
+    sononet16,
+)
 
 
 def test_the_published_backbones_and_a_small_one_are_registered() -> None:

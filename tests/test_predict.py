@@ -9,12 +9,23 @@ import pandas as pd
 import pytest
 import torch
 
-from fetalscan.checkpoint import FORMAT_VERSION, architecture_of, load_checkpoint, read_checkpoint, save_checkpoint
-from fetalscan.data import load_dataset
+from fetalscan.data.records import load_dataset
 from fetalscan.errors import CheckpointError, FetalscanError
-from fetalscan.models import get_backbone_spec
-from fetalscan.predict import aggregate_groups, classes_from_columns, predict_dataset, predictions_frame
-from fetalscan.train import TrainConfig, new_model
+from fetalscan.inference.predict import (
+    aggregate_groups,
+    classes_from_columns,
+    predict_dataset,
+    predictions_frame,
+)
+from fetalscan.models.checkpoint import (
+    FORMAT_VERSION,
+    architecture_of,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from fetalscan.models.registry import get_backbone_spec
+from fetalscan.training.loop import TrainConfig, new_model
 
 CLASSES = ["anomaly", "normal"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fetalscan.errors import DataError, FetalscanError
-from fetalscan.quality import (
+from fetalscan.quality.planes import (
     VOLUSON_E8_CROP,
     classify_files,
     classify_planes,
@@ -44,7 +44,7 @@ def test_names_at_least_12_of_the_13_example_planes(example_files):
 
 
 def test_cropping_the_scanner_frame_is_not_worse_than_the_whole_screen(example_files):
-    from fetalscan.data import read_image
+    from fetalscan.data.records import read_image
 
     images = [read_image(f) for f in example_files]
     cropped = classify_planes(images, crop="auto")

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from fetalscan.cli import main
-from fetalscan.evaluate import EvaluationConfig, evaluate_run
-from fetalscan.predict import aggregate_groups
-from fetalscan.report import SECTIONS, fmt, fmt_ci
+from fetalscan.evaluation.config import EvaluationConfig
+from fetalscan.inference.predict import aggregate_groups
+from fetalscan.report.html import SECTIONS, fmt, fmt_ci
+from fetalscan.report.runs import evaluate_run
 
 CLASSES = ["cyst", "normal", "ventriculomegaly"]
 
@@ -136,11 +137,11 @@ def test_external_validation_writes_the_same_report(tmp_path):
     """A checkpoint with a stored temperature and screening thresholds, scored on another manifest."""
     import torch
 
-    from fetalscan.checkpoint import architecture_of, save_checkpoint
-    from fetalscan.data import load_dataset
-    from fetalscan.evaluate import evaluate_external
-    from fetalscan.models import get_backbone_spec
-    from fetalscan.train import TrainConfig, new_model
+    from fetalscan.data.records import load_dataset
+    from fetalscan.models.checkpoint import architecture_of, save_checkpoint
+    from fetalscan.models.registry import get_backbone_spec
+    from fetalscan.report.runs import evaluate_external
+    from fetalscan.training.loop import TrainConfig, new_model
 
     torch.manual_seed(0)
     cfg = TrainConfig(backbone="sononet16", pretrained="none")
@@ -180,12 +181,12 @@ def test_external_validation_writes_the_same_report(tmp_path):
 def test_external_validation_refuses_data_without_any_model_class(tmp_path):
     import torch
 
-    from fetalscan.checkpoint import architecture_of, save_checkpoint
-    from fetalscan.data import load_dataset
+    from fetalscan.data.records import load_dataset
     from fetalscan.errors import DataError
-    from fetalscan.evaluate import evaluate_external
-    from fetalscan.models import get_backbone_spec
-    from fetalscan.train import TrainConfig, new_model
+    from fetalscan.models.checkpoint import architecture_of, save_checkpoint
+    from fetalscan.models.registry import get_backbone_spec
+    from fetalscan.report.runs import evaluate_external
+    from fetalscan.training.loop import TrainConfig, new_model
 
     cfg = TrainConfig(backbone="sononet16", pretrained="none")
     ckpt = save_checkpoint(tmp_path / "m.pt", new_model(cfg, 2), classes=["abnormal", "normal"],
@@ -210,9 +211,9 @@ def test_fetal_brain_report_warns_that_source_separates_normal_from_abnormal(fet
     that the test exercises the probe on the real images without the cost of training. The
     probe, which never sees these probabilities, must find the source cue by itself.
     """
-    from fetalscan.data import apply_rare_class_policy, load_dataset
-    from fetalscan.predict import predictions_frame
-    from fetalscan.splits import make_folds
+    from fetalscan.data.records import load_dataset
+    from fetalscan.inference.predict import predictions_frame
+    from fetalscan.splits import apply_rare_class_policy, make_folds
 
     ds = apply_rare_class_policy(load_dataset(fetal_brain), 5, "merge")
     folds = make_folds(ds.labels, ds.groups, "kfold", 5, seed=0)

@@ -9,9 +9,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fetalscan.evaluate import EvaluationConfig, metrics_with_ci
-from fetalscan.predict import aggregate_groups
-from fetalscan.shortcut import feature_names, image_features, run_shortcut_check, verdict
+from fetalscan.evaluation.bootstrap import metrics_with_ci
+from fetalscan.evaluation.config import EvaluationConfig
+from fetalscan.evaluation.shortcut import (
+    feature_names,
+    image_features,
+    run_shortcut_check,
+    verdict,
+)
+from fetalscan.inference.predict import aggregate_groups
 
 CLASSES = ["abnormal", "normal"]
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fetalscan.data import apply_rare_class_policy, load_dataset
+from fetalscan.data.records import load_dataset
 from fetalscan.errors import LeakageError, SplitError
 from fetalscan.splits import (
     Fold,
+    apply_rare_class_policy,
     audit_folds,
     hamming_pairs,
     inner_split,
@@ -109,8 +110,8 @@ def test_hamming_pairs_finds_close_hashes_only() -> None:
 def test_audit_catches_an_injected_near_duplicate(tmp_path: Path, toy_manifest) -> None:
     import shutil
 
-    from fetalscan.data import prepare_images
-    from fetalscan.models import get_backbone_spec
+    from fetalscan.data.records import prepare_images
+    from fetalscan.models.registry import get_backbone_spec
 
     m = toy_manifest(groups=5, per_group=2)
     # copy one picture of group abnormal_0 into group abnormal_1 under a new name (a leak)

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from fetalscan.data import load_dataset, prepare_images
-from fetalscan.models import get_backbone_spec
-from fetalscan.train import (
+from fetalscan.data.records import load_dataset, prepare_images
+from fetalscan.data.transforms import Augment, normalize
+from fetalscan.inference.predict import compute_embeddings
+from fetalscan.models.registry import get_backbone_spec
+from fetalscan.training.loop import (
     TrainConfig,
     class_weights,
-    compute_embeddings,
     fit_finetune,
     fit_head,
     freeze_backbone,
     new_model,
 )
-from fetalscan.transforms import Augment, normalize
 
 
 @pytest.fixture(scope="module")

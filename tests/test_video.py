@@ -8,15 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from fetalscan.dicom import frame_indices
-from fetalscan.errors import ImageReadError
-from fetalscan.video import (
+from fetalscan.data.dicom import frame_indices
+from fetalscan.data.video import (
     VIDEO_EXTENSIONS,
     VideoInfo,
     is_video,
     read_video_frames,
     read_video_info,
 )
+from fetalscan.errors import ImageReadError
 
 # One solid colour per frame, RGB; distinct enough to survive lossy codecs.
 RGB_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (255, 255, 0)]

@@ -17,7 +17,7 @@ matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .fileio import write_bytes  # noqa: E402
+from fetalscan.fileio import write_bytes  # noqa: E402
 
 
 def new_figure(width: float = 6.0, height: float = 4.0, **kwargs) -> tuple[Figure, object]:

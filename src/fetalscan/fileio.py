@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputError
+from fetalscan.errors import OutputError
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import FetalscanError
+from fetalscan.errors import FetalscanError
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

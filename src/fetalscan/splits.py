@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import LeakageError, SplitError
+from fetalscan.data.records import Dataset
+from fetalscan.errors import LeakageError, SplitError
 
 log = logging.getLogger(__name__)
 
@@ -382,3 +383,47 @@ def raise_if_failed(report: AuditReport, where: str) -> None:
         "Fix the groups in the manifest, or pass --near-duplicates merge to pool the "
         "groups of near-duplicate images."
     )
+
+
+def apply_rare_class_policy(dataset: Dataset, required: int, policy: str, merged_name: str = "other") -> Dataset:
+    """Deal with classes that have fewer than ``required`` groups.
+
+    ``error`` raises :class:`~fetalscan.errors.SplitError` listing them; ``drop``
+    removes their records; ``merge`` relabels them all as ``merged_name`` (the
+    original label is kept in ``Record.label_original``). A merged class that still
+    has too few groups is an error. What was done is appended to ``dataset.notes``.
+    """
+    short = deficient_classes(dataset.labels, dataset.groups, required)
+    if not short:
+        return dataset
+    if policy == "error":
+        raise SplitError(f"{dataset.source}: " + _deficient_message(short, required, "kfold" if required > 2 else "logo"))
+    if policy == "drop":
+        keep = [i for i, r in enumerate(dataset.records) if r.label not in short]
+        if not keep:
+            raise SplitError(f"{dataset.source}: every class has fewer than {required} groups")
+        out = dataset.subset(keep)
+        out.classes = [c for c in dataset.classes if c not in short]
+        out.notes.append(f"dropped classes with fewer than {required} groups: {short}")
+        return out
+    if policy == "merge":
+        if merged_name in dataset.classes and merged_name not in short:
+            raise SplitError(f"--rare-classes merge: a class named {merged_name!r} already exists")
+        records = [
+            replace(r, label=merged_name, label_original=r.label) if r.label in short else r
+            for r in dataset.records
+        ]
+        classes = sorted({c for c in dataset.classes if c not in short} | {merged_name})
+        out = Dataset(records, classes, dataset.source, list(dataset.notes), dict(dataset.loading))
+        still = deficient_classes(out.labels, out.groups, required)
+        if still:
+            raise SplitError(
+                f"{dataset.source}: after merging {sorted(short)} into {merged_name!r}: "
+                + _deficient_message(still, required, "kfold" if required > 2 else "logo")
+            )
+        out.notes.append(
+            f"merged classes with fewer than {required} groups into {merged_name!r}: "
+            + ", ".join(f"{c} ({n})" for c, n in short.items())
+        )
+        return out
+    raise SplitError(f"unknown --rare-classes policy {policy!r}; choose error, merge or drop")

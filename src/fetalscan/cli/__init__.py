@@ -19,7 +19,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from fetalscan import __version__
 
 DISCLAIMER = "fetalscan supports, and never replaces, the clinician's reading."
 
@@ -55,17 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from ..errors import FetalscanError
+    from fetalscan.errors import FetalscanError
 
     try:
         return int(args.func(args) or 0)
     except FetalscanError as exc:
-        from ._ui import error_line
+        from fetalscan.cli._ui import error_line
 
         error_line(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        from ._ui import error_line
+        from fetalscan.cli._ui import error_line
 
         error_line("interrupted; files already written are complete, the rest were not written")
         return 130

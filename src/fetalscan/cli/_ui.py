@@ -10,9 +10,9 @@ from pathlib import Path
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
-
     import shutil
+
+    from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else max(120, shutil.get_terminal_size((120, 24)).columns)
@@ -74,7 +74,7 @@ def add_runtime_options(p: argparse.ArgumentParser, out: bool = True) -> None:
 
 def setup_progress(args: argparse.Namespace) -> None:
     """Turn library progress bars on when asked, or when stderr is a terminal."""
-    from .. import progress
+    from fetalscan import progress
 
     want = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
     progress.enable(bool(want))

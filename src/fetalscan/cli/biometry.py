@@ -16,7 +16,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ._ui import add_runtime_options, info_line, print_table, setup_progress, warn_line
+from fetalscan.cli._ui import (
+    add_runtime_options,
+    info_line,
+    print_table,
+    setup_progress,
+    warn_line,
+)
 
 _HELP = {
     "encoder": "U-Net encoder (segmentation_models_pytorch): mobilenet_v2, resnet18, resnet34, efficientnet-b0 ...",
@@ -40,7 +46,7 @@ ORDER = 40
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from ..biometry_train import BiometryTrainConfig
+    from fetalscan.biometry.training import BiometryTrainConfig
 
     group = p.add_argument_group("training")
     for f in dataclasses.fields(BiometryTrainConfig):
@@ -56,7 +62,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from ..biometry_train import BiometryTrainConfig
+    from fetalscan.biometry.training import BiometryTrainConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BiometryTrainConfig) if hasattr(args, f.name)}
     return BiometryTrainConfig(**values)
@@ -146,7 +152,8 @@ def _print_metrics(m: dict, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..biometry_train import load_biometry_manifest, train_final
+    from fetalscan.biometry.training import train_final
+    from fetalscan.data.hc18 import load_biometry_manifest
 
     setup_progress(args)
     cfg = _train_config(args)
@@ -175,10 +182,11 @@ def _pixel_size(record, default: float | None) -> float | None:
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ..biometry import HeadSegmenter, save_overlay
-    from ..data import iter_record_images, load_dataset
-    from ..fileio import prepare_out_dir, write_csv
-    from ..runtime import resolve_device
+    from fetalscan.biometry.geometry import save_overlay
+    from fetalscan.biometry.segmenter import HeadSegmenter
+    from fetalscan.data.records import iter_record_images, load_dataset
+    from fetalscan.fileio import prepare_out_dir, write_csv
+    from fetalscan.runtime import resolve_device
 
     setup_progress(args)
     device = resolve_device(args.device)
@@ -193,7 +201,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         m = seg.measure(image, ps, where=r.image_id)
         plane = {}
         if args.plane_check:
-            from ..quality import classify_planes
+            from fetalscan.quality.planes import classify_planes
 
             (pr,) = classify_planes([image], device)
             plane = {"plane": pr.plane, "plane_confidence": pr.confidence, "brain_plane": pr.is_brain}
@@ -224,8 +232,8 @@ def _prediction_records(data: Path, every_nth: int, load_dataset):
     """Records of an image / folder / DICOM / video / manifest; an HC18 manifest (image column) is accepted."""
     import csv
 
-    from ..biometry_train import load_biometry_manifest
-    from ..data import Record
+    from fetalscan.data.hc18 import load_biometry_manifest
+    from fetalscan.data.records import Record
 
     if data.suffix.lower() == ".csv" and data.is_file():
         with open(data, newline="", encoding="utf-8-sig") as fh:
@@ -238,7 +246,9 @@ def _prediction_records(data: Path, every_nth: int, load_dataset):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..biometry_train import cross_validate, evaluate_checkpoint, load_biometry_manifest
+    from fetalscan.biometry.scoring import evaluate_checkpoint
+    from fetalscan.biometry.training import cross_validate
+    from fetalscan.data.hc18 import load_biometry_manifest
 
     setup_progress(args)
     items = load_biometry_manifest(args.data)
@@ -258,9 +268,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..quality import classify_records, parse_crop
-    from ..runtime import resolve_device
+    from fetalscan.data.records import load_dataset
+    from fetalscan.quality.planes import classify_records, parse_crop
+    from fetalscan.runtime import resolve_device
 
     crop = parse_crop(args.crop)
     device = resolve_device(args.device)

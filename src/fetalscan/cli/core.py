@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._ui import (
+from fetalscan.cli._options import (
+    add_data_options,
+    add_evaluation_options,
+    evaluation_config,
+    load_data,
+)
+from fetalscan.cli._ui import (
     add_dataclass_options,
     add_runtime_options,
     dataclass_from_args,
@@ -57,28 +63,17 @@ _RENAME = {"scheme": "cv"}
 ORDER = 10
 
 
-def _add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", type=Path, required=required,
-                   help="manifest CSV (path,label,group[,ga_weeks,center,device,view]), folder-per-class "
-                        "tree, or (predict) an image / DICOM / video / folder")
-    p.add_argument("--group-regex", default=None,
-                   help="regex whose first group names the patient group, matched on the path relative "
-                        "to a folder tree (default: file stem; DICOM: StudyInstanceUID)")
-    p.add_argument("--classes", default=None,
-                   help="explicit comma-separated class order (default: sorted label names)")
-    p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..pipeline import CVConfig
-    from ..train import TrainConfig
-    from .evaluate import add_evaluation_options
+    from fetalscan.training.loop import TrainConfig
+    from fetalscan.training.study import CVConfig
 
     p = sub.add_parser("cv", help="grouped cross-validation -> out-of-fold predictions and metrics",
                        description="Leak-free grouped cross-validation: stratified group k-fold or "
                        "leave-one-group-out, inner validation split for early stopping, leakage audit, "
                        "out-of-fold image- and patient-level predictions and metrics.")
-    _add_data_options(p)
+    add_data_options(p)
     add_dataclass_options(p, TrainConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_dataclass_options(p, CVConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_evaluation_options(p)
@@ -88,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the final model on all data -> DIR/model.pt",
                        description="Train one model on all data (inner split for early stopping); "
                        "the class policy matches `cv` with the same --folds / --cv.")
-    _add_data_options(p)
+    add_data_options(p)
     add_dataclass_options(p, TrainConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_dataclass_options(p, CVConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_runtime_options(p)
@@ -98,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write predictions.csv and patients.csv for new data with a "
                        "trained model.pt (label left empty where unknown).")
     p.add_argument("--model", type=Path, required=True, help="checkpoint written by `fetalscan train`")
-    _add_data_options(p)
+    add_data_options(p)
     p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal")
     p.add_argument("--normal-class", default="normal", help="normal class (for max_abnormal)")
     p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
@@ -124,28 +119,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- handlers
 
 
-def _load(args: argparse.Namespace, require_labels: bool = True):
-    from ..data import load_dataset
-
-    classes = [c.strip() for c in args.classes.split(",")] if getattr(args, "classes", None) else None
-    return load_dataset(args.data, require_labels=require_labels, group_regex=args.group_regex,
-                        classes=classes, every_nth=args.every_nth)
 
 
 def _configs(args: argparse.Namespace):
-    from ..pipeline import CVConfig
-    from ..train import TrainConfig
+    from fetalscan.training.loop import TrainConfig
+    from fetalscan.training.study import CVConfig
 
     cfg = dataclass_from_args(TrainConfig, args, seed=args.seed, device=args.device)
     return cfg, dataclass_from_args(CVConfig, args)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from ..pipeline import run_cv
-    from .evaluate import evaluation_config
+    from fetalscan.training.study import run_cv
 
     setup_progress(args)
-    dataset = _load(args)
+    dataset = load_data(args)
     cfg, cv = _configs(args)
     metrics = run_cv(dataset, cfg, cv, args.out, overwrite=args.overwrite, eval_cfg=evaluation_config(args))
     _print_summary(metrics)
@@ -154,10 +142,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..pipeline import run_train
+    from fetalscan.training.study import run_train
 
     setup_progress(args)
-    dataset = _load(args)
+    dataset = load_data(args)
     cfg, cv = _configs(args)
     summary = run_train(dataset, cfg, cv, args.out, overwrite=args.overwrite)
     for note in summary["notes"]:
@@ -168,23 +156,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint
-    from ..fileio import check_out_dir
-    from ..predict import (
+    from fetalscan.fileio import check_out_dir
+    from fetalscan.inference.predict import (
         add_plane_columns,
         labels_for_model,
         predict_dataset,
         predictions_frame,
         write_prediction_files,
     )
-    from ..quality import classify_records, parse_crop
-    from ..runtime import resolve_device
+    from fetalscan.models.checkpoint import load_checkpoint
+    from fetalscan.quality.planes import classify_records, parse_crop
+    from fetalscan.runtime import resolve_device
 
     setup_progress(args)
     crop = parse_crop(args.crop)
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model, device)
-    dataset = _load(args, require_labels=False)
+    dataset = load_data(args, require_labels=False)
     dataset, unknown = labels_for_model(dataset, loaded.classes, loaded.class_map)
     if unknown:
         warn_line(f"label(s) {sorted(unknown)} are not classes of the model; left empty in 'label' "
@@ -207,9 +195,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..pipeline import CVConfig, run_cv, run_train
-    from ..train import TrainConfig
+    from fetalscan.data.records import load_dataset
+    from fetalscan.training.loop import TrainConfig
+    from fetalscan.training.study import CVConfig, run_cv, run_train
 
     setup_progress(args)
     manifest = args.data or _embedded_manifest()
@@ -227,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _embedded_manifest() -> Path:
-    from ..errors import DataError
+    from fetalscan.errors import DataError
 
     here = Path(__file__).resolve()
     for root in (here.parents[3], Path.cwd()):

@@ -5,51 +5,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._ui import (
-    add_dataclass_options,
+from fetalscan.cli._options import (
+    add_data_options,
+    add_evaluation_options,
+    evaluation_config,
+    load_data,
+)
+from fetalscan.cli._ui import (
     add_runtime_options,
-    dataclass_from_args,
     info_line,
     print_table,
     setup_progress,
     warn_line,
 )
 
-_HELP = {
-    "n_boot": "bootstrap resamples of patients (groups) for every confidence interval",
-    "confidence": "confidence level of the intervals",
-    "target_sensitivity": "screening view: sensitivity the operating point must reach on validation data",
-    "n_bins": "equal-width confidence bins of the reliability diagram / ECE / MCE",
-    "subgroups": "metadata columns to break results down by: auto, none, or a comma-separated list "
-                 "(ga_weeks is binned <14, 14-<20, 20-<28, >=28 weeks)",
-    "small_subgroup": "subgroups with fewer patients than this are flagged as small (never hidden)",
-    "shortcut": "run the shortcut check (a probe on image statistics without anatomy; needs the images)",
-    "probe_floor": "shortcut warning when the probe's AUROC reaches this",
-    "probe_margin": "shortcut warning when the probe is above chance and within this of the model's AUROC",
-    "n_perm": "permutations of the subgroup heterogeneity test",
-}
-
 #: Place of these commands in ``fetalscan --help`` (the order in which data flow through them).
 ORDER = 20
 
 
-def add_evaluation_options(p: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`~fetalscan.evaluate.EvaluationConfig` field (``seed`` excepted:
-    commands take it from ``--seed``). Usable by any command that evaluates, e.g. ``cv``."""
-    from ..evaluate import EvaluationConfig
-
-    add_dataclass_options(p, EvaluationConfig, _HELP, title="evaluation", skip={"seed"})
 
 
-def evaluation_config(args: argparse.Namespace):
-    """The :class:`~fetalscan.evaluate.EvaluationConfig` of parsed arguments (seed from ``--seed``)."""
-    from ..evaluate import EvaluationConfig
-
-    return dataclass_from_args(EvaluationConfig, args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .core import _add_data_options
 
     p = sub.add_parser("evaluate", help="external validation: score a trained model on other data -> report.html",
                        description="Score a model (model.pt from `fetalscan train`) on a labelled dataset from "
@@ -57,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "report.html. Nothing is fitted on these data: the model's temperature and screening "
                        "threshold (chosen on its inner validation split) are used as stored.")
     p.add_argument("--model", type=Path, required=True, help="checkpoint written by `fetalscan train`")
-    _add_data_options(p)
+    add_data_options(p)
     p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal (default: mean)")
     p.add_argument("--normal-class", default="normal", help="name of the normal class (default: normal)")
     p.add_argument("--batch-size", type=int, default=32, help="inference batch size (default: 32)")
@@ -99,16 +77,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate_external
-    from ..runtime import resolve_device
-    from .core import _load
+    from fetalscan.report.runs import evaluate_external
+    from fetalscan.runtime import resolve_device
 
     setup_progress(args)
     cfg = evaluation_config(args)
     cfg.seed = args.seed
     cfg.validate()
     device = resolve_device(args.device)
-    dataset = _load(args, require_labels=False)
+    dataset = load_data(args, require_labels=False)
     metrics = evaluate_external(args.model, dataset, args.out, cfg, device=device, aggregate=args.aggregate,
                                 normal_class=args.normal_class, batch_size=args.batch_size, overwrite=args.overwrite,
                                 description=args.description)
@@ -118,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate_run
+    from fetalscan.report.runs import evaluate_run
 
     setup_progress(args)
     cfg = evaluation_config(args)
@@ -141,8 +118,8 @@ def _run_seed(run: Path) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import compare_runs
-    from ..fileio import write_json
+    from fetalscan.evaluation.compare import compare_runs
+    from fetalscan.fileio import write_json
 
     result = compare_runs(args.run_a, args.run_b, level=args.level, n_boot=args.n_boot, seed=args.seed,
                           confidence=args.confidence, normal_class=args.normal_class)

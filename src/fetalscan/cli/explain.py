@@ -19,7 +19,14 @@ import argparse
 import os
 from pathlib import Path
 
-from ._ui import add_dataclass_options, dataclass_from_args, info_line, print_table, setup_progress, warn_line
+from fetalscan.cli._ui import (
+    add_dataclass_options,
+    dataclass_from_args,
+    info_line,
+    print_table,
+    setup_progress,
+    warn_line,
+)
 
 _HELP = {
     "method": "heatmap method: gradcam, gradcam++, scorecam (slow: one forward pass per channel) or eigencam",
@@ -53,8 +60,8 @@ def _add_options(p: argparse.ArgumentParser, cls, title: str, skip: set[str] = f
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..explain import ExplainConfig
-    from ..faithfulness import FaithfulnessConfig
+    from fetalscan.explain.cams import ExplainConfig
+    from fetalscan.explain.faithfulness import FaithfulnessConfig
 
     p = sub.add_parser(
         "explain", help="Grad-CAM family heatmaps over the images, report gallery, faithfulness scores",
@@ -87,8 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _configs(args: argparse.Namespace):
-    from ..explain import ExplainConfig
-    from ..faithfulness import FaithfulnessConfig
+    from fetalscan.explain.cams import ExplainConfig
+    from fetalscan.explain.faithfulness import FaithfulnessConfig
 
     cfg = dataclass_from_args(ExplainConfig, args)
     fcfg = dataclass_from_args(FaithfulnessConfig, args, seed=args.seed, batch_size=args.batch_size,
@@ -98,7 +105,7 @@ def _configs(args: argparse.Namespace):
 
 def _head_masks(value: str | None) -> str | None:
     """``auto`` -> the shared HC18 manifest when one is found, ``none`` -> None, else the path."""
-    from ..errors import DataError
+    from fetalscan.errors import DataError
 
     if value is None or value.lower() == "none":
         return None
@@ -119,7 +126,7 @@ def _head_masks(value: str | None) -> str | None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..errors import FetalscanError
+    from fetalscan.errors import FetalscanError
 
     setup_progress(args)
     if (args.run is None) == (args.images is None):
@@ -132,8 +139,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _load_images(args: argparse.Namespace, loaded):
-    from ..data import Dataset, load_dataset
-    from ..predict import labels_for_model
+    from fetalscan.data.records import Dataset, load_dataset
+    from fetalscan.inference.predict import labels_for_model
 
     records = []
     for path in args.images:
@@ -147,10 +154,10 @@ def _load_images(args: argparse.Namespace, loaded):
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint
-    from ..explain import explain_to_folder
-    from ..fileio import prepare_out_dir
-    from ..runtime import resolve_device, seed_everything
+    from fetalscan.explain.cams import explain_to_folder
+    from fetalscan.fileio import prepare_out_dir
+    from fetalscan.models.checkpoint import load_checkpoint
+    from fetalscan.runtime import resolve_device, seed_everything
 
     cfg, fcfg = _configs(args)
     cfg.validate()
@@ -173,10 +180,15 @@ def _cmd_images(args: argparse.Namespace) -> int:
 def _images_faithfulness(loaded, records, cfg, fcfg, out: Path, device) -> None:
     import pandas as pd
 
-    from ..explain import DISCLAIMER, sample_rows
-    from ..faithfulness import Unit, curves_figure, evaluate_faithfulness
-    from ..figures import save_figure
-    from ..fileio import provenance, write_json
+    from fetalscan.explain.cams import DISCLAIMER
+    from fetalscan.explain.faithfulness import (
+        Unit,
+        curves_figure,
+        evaluate_faithfulness,
+    )
+    from fetalscan.explain.gallery import sample_rows
+    from fetalscan.figures import save_figure
+    from fetalscan.fileio import provenance, write_json
 
     frame = pd.DataFrame({"group": [r.group for r in records]})
     picked = [records[i] for i in sample_rows(frame, fcfg.n_images, fcfg.seed)]
@@ -193,8 +205,8 @@ def _images_faithfulness(loaded, records, cfg, fcfg, out: Path, device) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ..explain import explain_run
-    from ..runtime import resolve_device, seed_everything
+    from fetalscan.explain.gallery import explain_run
+    from fetalscan.runtime import resolve_device, seed_everything
 
     cfg, fcfg = _configs(args)
     want = True if args.faithfulness is None else args.faithfulness
@@ -216,7 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_faithfulness(result: dict) -> None:
-    from ..faithfulness import TABLE_COLUMNS, table_rows
+    from fetalscan.explain.faithfulness import TABLE_COLUMNS, table_rows
 
     print_table("Faithfulness of the heatmaps (means; see faithfulness.json for 95% intervals)",
                 TABLE_COLUMNS, table_rows(result))

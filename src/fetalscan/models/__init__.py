@@ -1,8 +1,8 @@
 """Backbones (timm + SonoNet-16), the model factory, heads and checkpoints."""
 
-from .registry import (
+from fetalscan.data.transforms import Preprocessing
+from fetalscan.models.registry import (
     BackboneSpec,
-    Preprocessing,
     build_head,
     classifier_attr,
     create_model,

@@ -23,56 +23,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ModelError
+from fetalscan.data.transforms import Preprocessing
+from fetalscan.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an RGB uint8 image becomes the network input; saved in every checkpoint.
-
-    ``normalization`` is ``"imagenet"`` (divide by 255, subtract ``mean``, divide by
-    ``std`` per channel) or ``"per_image"`` (SonoNet: ``scale * (x - mean(x)) / std(x)``
-    per image, on the 0-255 grey values).
-    """
-
-    input_size: tuple[int, int] = (224, 224)  # (height, width)
-    channels: int = 3
-    normalization: str = "imagenet"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    scale: float = 1.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["input_size"] = list(self.input_size)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        try:
-            return cls(
-                input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
-                channels=int(d["channels"]),
-                normalization=str(d["normalization"]),
-                mean=tuple(float(v) for v in d["mean"]),
-                std=tuple(float(v) for v in d["std"]),
-                scale=float(d.get("scale", 1.0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"preprocessing block is malformed ({exc!r}): {d}") from exc
 
 
 @dataclass(frozen=True)
@@ -112,9 +72,6 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         raise ModelError(
             f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}"
         ) from None
-
-
-# --------------------------------------------------------------------------- timm backbones
 
 
 def _timm_builder(arch: str, imagenet_tag: str) -> Callable[[int, str | None, float], nn.Module]:
@@ -177,7 +134,10 @@ def _find_local_weights(timm_name: str) -> Path | None:
 
 
 _IMAGENET_PRE = Preprocessing()
+
+
 _LICENCE_TV = "torchvision ImageNet-1k weights via timm (BSD-3-Clause)"
+
 
 register_backbone(
     BackboneSpec(
@@ -190,6 +150,8 @@ register_backbone(
         description="ResNet34, the backbone of the published CNS-anomaly study",
     )
 )
+
+
 register_backbone(
     BackboneSpec(
         name="densenet169",
@@ -201,6 +163,8 @@ register_backbone(
         description="DenseNet-169, the backbone of the published cystic-hygroma study",
     )
 )
+
+
 register_backbone(
     BackboneSpec(
         name="efficientnet_b0",
@@ -212,6 +176,8 @@ register_backbone(
         description="EfficientNet-B0, small and fast",
     )
 )
+
+
 register_backbone(
     BackboneSpec(
         name="mobilenetv3_large_100",
@@ -225,11 +191,8 @@ register_backbone(
 )
 
 
-# --------------------------------------------------------------------------- SonoNet-16
-
-
 def _build_sononet16(num_classes: int, pretrained: str | None, drop: float) -> nn.Module:
-    from .sononet import sononet16
+    from fetalscan.models.sononet import sononet16
 
     return sononet16(num_classes=num_classes, pretrained=pretrained == "sononet", drop_rate=drop)
 
@@ -255,9 +218,6 @@ register_backbone(
         description="SonoNet-16, in-domain fetal standard-plane network (works offline)",
     )
 )
-
-
-# --------------------------------------------------------------------------- factory
 
 
 def create_model(
@@ -341,9 +301,6 @@ def get_module(model: nn.Module, dotted: str) -> nn.Module:
             f"layer {dotted!r} not found in {type(model).__name__}; top-level layers are: "
             f"{', '.join(names)}"
         ) from None
-
-
-# --------------------------------------------------------------------------- heads
 
 
 def embedding_dim(model: nn.Module) -> int:

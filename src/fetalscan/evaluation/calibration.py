@@ -40,17 +40,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import DataError
+from fetalscan.errors import DataError
 
 log = logging.getLogger(__name__)
 
+
 EPS = 1e-12
+
+
 #: Search range of the temperature (log-uniform); beyond it the data are degenerate.
 T_MIN, T_MAX = 0.05, 20.0
+
+
 DEFAULT_BINS = 15
-
-
-# --------------------------------------------------------------------------- validation
 
 
 def _check(probs: np.ndarray, y: Sequence[int] | np.ndarray, where: str = "probs") -> tuple[np.ndarray, np.ndarray]:
@@ -70,9 +72,6 @@ def _check(probs: np.ndarray, y: Sequence[int] | np.ndarray, where: str = "probs
     if not np.isfinite(p).all():
         raise DataError(f"{where}: probabilities contain NaN or infinity")
     return p, labels.astype(np.int64)
-
-
-# --------------------------------------------------------------------------- measures
 
 
 def reliability_bins(probs: np.ndarray, y: Sequence[int], n_bins: int = DEFAULT_BINS) -> dict:
@@ -189,9 +188,6 @@ def calibration_metrics(probs: np.ndarray, y: Sequence[int], n_bins: int = DEFAU
     }
 
 
-# --------------------------------------------------------------------------- temperature scaling
-
-
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log p / T)``: the probabilities a model would give with its logits divided by ``T``."""
     if not temperature > 0 or not np.isfinite(temperature):
@@ -280,10 +276,3 @@ def temperature_block(probs: np.ndarray, y: Sequence[int], fitted_on: str = "inn
         "nll_after": negative_log_likelihood(q, labels),
         "method": "temperature scaling (Guo et al. 2017), NLL minimised on log-probabilities",
     }
-
-
-__all__ = [
-    "apply_temperature", "bin_index", "brier_score", "calibration_errors_weighted", "calibration_metrics",
-    "expected_calibration_error", "fit_temperature", "maximum_calibration_error", "negative_log_likelihood",
-    "reliability_bins", "temperature_block",
-]

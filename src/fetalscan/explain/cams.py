@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,9 +53,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DataError, FetalscanError, ModelError
+from fetalscan.errors import DataError, FetalscanError, ModelError
 
 log = logging.getLogger(__name__)
+
 
 #: Method key -> display name.
 METHODS: dict[str, str] = {
@@ -65,6 +65,8 @@ METHODS: dict[str, str] = {
     "scorecam": "Score-CAM",
     "eigencam": "Eigen-CAM",
 }
+
+
 DISCLAIMER = ("Heatmaps show where the model's evidence lay, not where the anomaly is; they "
               "support, and never replace, the clinician's reading.")
 
@@ -153,9 +155,6 @@ class Explanation:
         return int(x), int(y)
 
 
-# --------------------------------------------------------------------------- choosing things
-
-
 def method_key(name: str) -> str:
     """Normalise a method name (``Grad-CAM++`` -> ``gradcam++``); unknown ones raise."""
     key = re.sub(r"[\s_\-]", "", str(name).lower()).replace("plusplus", "++").replace("pp", "++")
@@ -177,7 +176,7 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 
 def default_layer(backbone: str | None) -> str:
     """The registered Grad-CAM layer of a backbone, or :class:`ModelError` saying what to do."""
-    from .models import get_backbone_spec, list_backbones
+    from fetalscan.models.registry import get_backbone_spec, list_backbones
 
     if not backbone:
         raise ModelError("cannot choose a Grad-CAM layer automatically: the model does not say "
@@ -191,7 +190,7 @@ def default_layer(backbone: str | None) -> str:
 
 def layer_for(loaded, layer: str | None = None) -> str:
     """The target layer name for a :class:`~fetalscan.checkpoint.LoadedModel` (checked to exist)."""
-    from .models import get_module
+    from fetalscan.models.registry import get_module
 
     name = layer or default_layer((loaded.architecture or {}).get("backbone"))
     get_module(loaded.model, name)  # a wrong name raises ModelError listing the layers
@@ -216,9 +215,6 @@ def _colormap(name: str):
     except KeyError:
         raise FetalscanError(f"--colormap {name!r} is not a matplotlib colour map "
                              "(try jet, turbo, inferno, viridis)") from None
-
-
-# --------------------------------------------------------------------------- CAM computation
 
 
 def _cam_class(method: str):
@@ -391,7 +387,7 @@ def compute_cams(
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .models import get_module
+    from fetalscan.models.registry import get_module
 
     module = get_module(model, layer)
     cam_cls = _cam_class(method)
@@ -432,9 +428,6 @@ def compute_cams(
             raise ModelError(f"CAM target out of range: the model has {logits.shape[1]} classes")
     maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0)
     return CamResult(maps, logits, chosen.astype(np.int64), shapes[0] if shapes else (0, 0))
-
-
-# --------------------------------------------------------------------------- images
 
 
 def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -512,9 +505,6 @@ def describe(exp: Explanation, label: str | None = None) -> str:
     return " | ".join(parts)
 
 
-# --------------------------------------------------------------------------- explaining records
-
-
 def explain_arrays(loaded, images: Sequence[np.ndarray], cfg: ExplainConfig | None = None,
                    device: torch.device | str = "cpu", layer: str | None = None) -> list[Explanation]:
     """Heatmaps (at each image's own size) for RGB uint8 images under a loaded checkpoint.
@@ -528,8 +518,8 @@ def explain_arrays(loaded, images: Sequence[np.ndarray], cfg: ExplainConfig | No
     cfg : ExplainConfig
         Method, layer, target class, batch size.
     """
-    from .predict import softmax_with_temperature
-    from .transforms import normalize, prepare
+    from fetalscan.data.transforms import normalize, prepare
+    from fetalscan.inference.predict import softmax_with_temperature
 
     cfg = cfg or ExplainConfig()
     cfg.validate()
@@ -558,7 +548,7 @@ def explain_arrays(loaded, images: Sequence[np.ndarray], cfg: ExplainConfig | No
 def iter_explanations(loaded, records: Sequence, cfg: ExplainConfig, device: torch.device | str = "cpu",
                       ) -> Iterator[tuple[object, np.ndarray, Explanation]]:
     """Yield ``(record, RGB image, Explanation)`` for records, reading each file once, batched."""
-    from .data import iter_record_images
+    from fetalscan.data.records import iter_record_images
 
     layer = layer_for(loaded, cfg.layer)
     batch: list[tuple[object, np.ndarray]] = []
@@ -592,8 +582,8 @@ def safe_stem(name: str) -> str:
 def write_image_outputs(out: Path, stem: str, image: np.ndarray, exp: Explanation, cfg: ExplainConfig,
                         title: str, subtitle: str) -> dict[str, Path]:
     """Write ``<stem>_<method>_overlay.png`` / ``_panel.png`` / ``_heatmap.png``; returns their paths."""
-    from .figures import save_figure
-    from .fileio import write_bytes
+    from fetalscan.figures import save_figure
+    from fetalscan.fileio import write_bytes
 
     tag = exp.method.replace("+", "p")
     over = overlay(image, exp.heatmap, cfg.alpha, cfg.colormap)
@@ -617,8 +607,8 @@ def explain_to_folder(loaded, records: Sequence, cfg: ExplainConfig, out: Path,
     """
     import pandas as pd
 
-    from .fileio import write_csv
-    from .progress import track
+    from fetalscan.fileio import write_csv
+    from fetalscan.progress import track
 
     cfg.validate()
     rows = []
@@ -645,247 +635,3 @@ def explain_to_folder(loaded, records: Sequence, cfg: ExplainConfig, out: Path,
         df["frame"] = df["frame"].astype("Int64")
     write_csv(out / "explanations.csv", df)
     return df
-
-
-# --------------------------------------------------------------------------- gallery of a run
-
-
-GALLERY_KINDS = ("TP", "FP", "FN")
-
-
-def select_gallery(preds, classes: Sequence[str], per_kind: int = 1) -> list[dict]:
-    """The most confident true positives, false positives and false negatives per class.
-
-    For class ``c`` with probability column ``p_c``: TP = label ``c`` predicted ``c``,
-    highest ``p_c`` first; FP = other label predicted ``c``, highest ``p_c`` first
-    (the most confident false alarms); FN = label ``c`` predicted otherwise, lowest
-    ``p_c`` first (the most confidently missed). Rows without a label are skipped.
-
-    Returns
-    -------
-    list of dict
-        ``{"class", "kind", "row", "prob"}`` with ``row`` the frame's index label.
-    """
-    if per_kind < 1:
-        raise FetalscanError(f"--gallery-per-kind must be >= 1, got {per_kind}")
-    missing = [c for c in ("label", "pred", *[f"p_{c}" for c in classes]) if c not in preds.columns]
-    if missing:
-        raise DataError(f"predictions lack column(s) {missing}")
-    lab = preds["label"].fillna("").astype(str)
-    pred = preds["pred"].astype(str)
-    picks = []
-    for c in classes:
-        p = preds[f"p_{c}"].astype(float)
-        kinds = {
-            "TP": (lab == c) & (pred == c),
-            "FP": (lab != c) & (lab != "") & (pred == c),
-            "FN": (lab == c) & (pred != c),
-        }
-        for kind in GALLERY_KINDS:
-            part = p[kinds[kind]]
-            part = part.sort_values(ascending=kind == "FN", kind="stable")
-            for row, prob in part.head(per_kind).items():
-                picks.append({"class": c, "kind": kind, "row": row, "prob": float(prob)})
-    return picks
-
-
-# --------------------------------------------------------------------------- models of a CV run
-
-
-def _read_csv(path: Path):
-    import pandas as pd
-
-    if not path.is_file():
-        raise DataError(f"{path} not found; is {path.parent} a run folder written by `fetalscan cv`?")
-    try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except Exception as exc:  # noqa: BLE001 - pandas raises many types for bad CSVs
-        raise DataError(f"{path} is not a readable CSV file: {exc}") from exc
-
-
-def run_record(row) -> object:
-    """A :class:`~fetalscan.data.Record` for one row of ``predictions.csv``."""
-    from .data import Record
-
-    path = Path(str(row["path"]))
-    frame = row.get("frame")
-    frame = None if frame is None or (isinstance(frame, float) and math.isnan(frame)) or frame == "" else int(frame)
-    label = row.get("label")
-    label = None if label is None or (isinstance(label, float) and math.isnan(label)) or label == "" else str(label)
-    return Record(path=path, label=label, group=str(row["group"]), name=f"{path.parent.name}/{path.name}", frame=frame)
-
-
-# --------------------------------------------------------------------------- a whole run
-
-
-def sample_rows(preds, n: int, seed: int = 0) -> list:
-    """Up to ``n`` row labels of ``preds``: one random image from each of a random order of
-    groups first (so images are as independent as the data allow), then more per group."""
-    rng = np.random.default_rng(seed)
-    by_group: dict[str, list] = {}
-    for row, g in zip(preds.index, preds["group"].astype(str)):
-        by_group.setdefault(g, []).append(row)
-    groups = sorted(by_group)
-    rng.shuffle(groups)
-    queues = [list(rng.permutation(by_group[g])) for g in groups]
-    picked: list = []
-    while len(picked) < n and any(queues):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop())
-    return picked
-
-
-def _models_for_run(run_dir: Path, model_path, classes, device, has_folds: bool = True):
-    """fold -> LoadedModel (or one given model for every row), and a description of it."""
-    from .checkpoint import load_checkpoint
-
-    if model_path is not None:
-        loaded = load_checkpoint(model_path, device)
-        if list(loaded.classes) != list(classes):
-            raise FetalscanError(f"--model {model_path} has classes {loaded.classes} but the run "
-                                 f"{run_dir} has {list(classes)}; use the model trained with the same data")
-        if has_folds:
-            info = {"source": f"final model {model_path}", "held_out": False,
-                    "origin": "final model (image in its training data)",
-                    "note": "Heatmaps come from the final model, whose training data include these images: "
-                            "a true positive here is not a held-out success."}
-        else:
-            info = {"source": f"model {model_path}", "held_out": None, "origin": "the given model",
-                    "note": "Heatmaps come from the given model; these predictions have no cross-validation "
-                            "folds (e.g. an external validation), so whether an image was in the model's "
-                            "training data cannot be told from the run folder."}
-        return (lambda fold: loaded), info
-    if not has_folds:
-        raise FetalscanError(f"{run_dir}/predictions.csv has no folds (not a `fetalscan cv` run); pass --model "
-                             "with the checkpoint that made these predictions")
-    from functools import lru_cache
-
-    from .checkpoint import load_fold_model
-
-    @lru_cache(maxsize=4)
-    def model_of(fold: int):
-        loaded = load_fold_model(run_dir, int(fold), device)
-        if list(loaded.classes) != list(classes):
-            raise FetalscanError(f"{run_dir}: fold {fold} model has classes {loaded.classes}, the predictions "
-                                 f"have {list(classes)}")
-        return loaded
-
-    info = {"source": "fold models saved by `fetalscan cv` (fold_models/)", "held_out": True,
-            "origin": "fold {fold} model (image held out)",
-            "note": "Each heatmap comes from the fold model that held the image out."}
-    return (lambda fold: model_of(int(fold))), info
-
-
-def explain_run(run_dir: str | Path, cfg: ExplainConfig | None = None, fcfg=None, *,
-                model_path: str | Path | None = None, per_kind: int = 1, out: str | Path | None = None,
-                overwrite: bool = False, device: torch.device | str = "cpu") -> dict:
-    """Gallery and faithfulness of a CV run folder -> ``RUN/explain/``.
-
-    Parameters
-    ----------
-    run_dir : path
-        Folder written by ``fetalscan cv`` (``predictions.csv``, ``metrics.json`` ...).
-    cfg : ExplainConfig
-        Method and overlay settings of the gallery.
-    fcfg : FaithfulnessConfig or None
-        ``None`` skips the faithfulness measurement.
-    model_path : path, optional
-        A checkpoint to explain with instead of the re-trained fold models (required
-        for fine-tuned runs). Its training data include the run's images, which
-        every gallery item then says.
-    per_kind : int
-        Images per class and kind (TP, FP, FN) in the gallery.
-    out : path, optional
-        Output folder (default ``RUN/explain``).
-
-    Returns
-    -------
-    dict
-        ``{"out", "gallery", "faithfulness", "models"}``; ``gallery.json`` and
-        ``faithfulness.json`` (formats agreed with :mod:`fetalscan.report`) are written.
-    """
-    from .fileio import prepare_out_dir, write_json
-    from .predict import classes_from_columns
-
-    cfg = cfg or ExplainConfig()
-    cfg.validate()
-    run_dir = Path(run_dir)
-    preds = _read_csv(run_dir / "predictions.csv")
-    classes = classes_from_columns(preds.columns)
-    if not classes:
-        raise DataError(f"{run_dir / 'predictions.csv'} has no p_<class> columns after 'pred'")
-    if fcfg is not None:
-        fcfg.validate()
-    out = prepare_out_dir(Path(out) if out else run_dir / "explain", overwrite)
-    device = torch.device(device)
-    has_folds = "fold" in preds.columns and preds["fold"].notna().any()
-    model_of, info = _models_for_run(run_dir, model_path, classes, device, has_folds)
-    gallery = _write_gallery(run_dir, out, preds, classes, cfg, per_kind, model_of, info, device)
-    write_json(out / "gallery.json", gallery)
-    faith = None
-    if fcfg is not None:
-        faith = _run_faithfulness(run_dir, out, preds, fcfg, cfg, model_of, info, device)
-    return {"out": str(out), "gallery": gallery, "faithfulness": faith, "models": info}
-
-
-def _write_gallery(run_dir, out, preds, classes, cfg, per_kind, model_of, info, device) -> list[dict]:
-    import os
-
-    picks = select_gallery(preds, classes, per_kind)
-    folder = out / "gallery"
-    items = []
-    for n, pick in enumerate(picks, start=1):
-        row = preds.loc[pick["row"]]
-        rec = run_record(row)
-        fold = row.get("fold")
-        loaded = model_of(fold)
-        from .data import read_record_image
-
-        image = read_record_image(rec)
-        exp = explain_arrays(loaded, [image], cfg, device)[0]
-        origin = info["origin"].format(fold=fold if fold is None or fold != fold else int(fold))
-        stem = f"{n:02d}_{pick['kind']}_{safe_stem(pick['class'])}_{safe_stem(Path(rec.image_id).name)}"
-        original = row.get("label_original")
-        shown = rec.label or ""
-        if isinstance(original, str) and original and original != shown:
-            shown = f"{shown} ({original})"
-        title = (f"{pick['kind']} for {pick['class']}: p({pick['class']}) = {pick['prob']:.2f} in the run | "
-                 f"{origin}")
-        paths = write_image_outputs(folder, stem, image, exp, cfg, title, describe(exp, shown))
-        items.append({
-            "class": pick["class"], "kind": pick["kind"], "path": str(rec.path),
-            "overlay": os.path.relpath(paths["overlay"], run_dir), "prob": pick["prob"],
-            "label": rec.label or "", "pred": str(row["pred"]), "method": cfg.method,
-            "label_original": original if isinstance(original, str) else "",
-            "panel": os.path.relpath(paths["panel"], run_dir), "target": exp.target,
-            "group": rec.group, "frame": rec.frame, "fold": None if fold is None or fold != fold else int(fold),
-            "model": origin, "layer": exp.layer,
-        })
-    return items
-
-
-def _run_faithfulness(run_dir, out, preds, fcfg, cfg, model_of, info, device) -> dict:
-    from .faithfulness import Unit, curves_figure, evaluate_faithfulness
-    from .figures import save_figure
-    from .fileio import provenance, write_json
-
-    rows = sample_rows(preds, fcfg.n_images, fcfg.seed)
-    by_fold: dict = {}
-    for r in rows:
-        fold = preds.loc[r].get("fold")
-        key = None if fold is None or fold != fold else int(fold)
-        by_fold.setdefault(key, []).append(run_record(preds.loc[r]))
-    units = []
-    for fold, recs in sorted(by_fold.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-        name = f"fold {fold} model" if info.get("held_out") else info["source"]
-        units.append(Unit(model_of(fold), recs, name, cfg.layer))
-    result = evaluate_faithfulness(units, fcfg, device)
-    result["notes"].insert(0, info["note"])
-    result["models"] = info
-    result["disclaimer"] = DISCLAIMER
-    result["provenance"] = provenance(fcfg.seed, run=str(run_dir), device=str(device))
-    save_figure(curves_figure(result), out / "faithfulness_curves.png")
-    result["figures"] = {"curves": "faithfulness_curves.png"}
-    write_json(out / "faithfulness.json", result)
-    return result

@@ -37,13 +37,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
-from .data import Dataset, Record
-from .errors import DataError, FetalscanError
+from fetalscan.data.records import Dataset, Record
+from fetalscan.data.transforms import Preprocessing, normalize
+from fetalscan.errors import DataError, FetalscanError
+from fetalscan.progress import track
 
 log = logging.getLogger(__name__)
 
+
 AGGREGATIONS = ("mean", "vote", "max_abnormal")
+
+
 META_COLUMNS = ("ga_weeks", "center", "device", "view")
 
 
@@ -177,15 +183,12 @@ def _aggregate(p: np.ndarray, method: str, normal_idx: int) -> np.ndarray:
     return p[int(np.argmin(p[:, normal_idx]))]
 
 
-# --------------------------------------------------------------------------- inference
-
-
 def predict_dataset(
     loaded, dataset: Dataset, device: torch.device, batch_size: int = 32,
 ) -> np.ndarray:
     """Probabilities of every record under a loaded checkpoint (with its temperature)."""
-    from .data import prepare_images
-    from .train import predict_logits
+    from fetalscan.data.records import prepare_images
+    from fetalscan.inference.predict import predict_logits
 
     images, _ = prepare_images(dataset.records, loaded.preprocessing, description="predicting")
     logits = predict_logits(loaded.model, images, loaded.preprocessing, device, batch_size)
@@ -236,9 +239,49 @@ def write_prediction_files(out: Path, df: pd.DataFrame, classes: Sequence[str],
                            method: str = "mean", normal_class: str = "normal",
                            prefix: str = "") -> tuple[Path, Path]:
     """Write ``predictions.csv`` and ``patients.csv`` (atomically) into ``out``."""
-    from .fileio import write_csv
+    from fetalscan.fileio import write_csv
 
     patients = aggregate_groups(df, classes, method, normal_class)
     a = write_csv(out / f"{prefix}predictions.csv", df)
     b = write_csv(out / f"{prefix}patients.csv", patients)
     return a, b
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, pre: Preprocessing, device: torch.device,
+    batch_size: int = 32, amp: bool = True,
+) -> torch.Tensor:
+    """Logits of a prepared uint8 batch, computed in evaluation mode (float32 on CPU)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), pre)
+        with _autocast(device, amp):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.inference_mode()
+def compute_embeddings(
+    model: nn.Module, images: torch.Tensor, pre: Preprocessing, device: torch.device,
+    batch_size: int = 32, amp: bool = True, description: str = "embedding images",
+) -> torch.Tensor:
+    """Pooled backbone embeddings (``forward_head(pre_logits=True)``) of prepared images."""
+    model.eval()
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in track(starts, description, total=len(starts)):
+        x = normalize(images[start:start + batch_size].to(device), pre)
+        with _autocast(device, amp):
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+        out.append(f.float().cpu())
+    return torch.cat(out) if out else torch.empty(0)

@@ -49,134 +49,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .biometry import (
-    HeadSegmenter,
-    SegmenterConfig,
-    as_binary_mask,
-    build_segmenter,
+from fetalscan.biometry.geometry import (
     fit_head_ellipse,
-    measure_mask,
     ramanujan_perimeter,
-    save_segmenter,
-    upsample_logits,
 )
-from .errors import DataError, FetalscanError, SplitError
+from fetalscan.biometry.scoring import (
+    DISCLAIMER,
+    HC18_REFERENCE,
+    manifest_hash,
+    LIMITATIONS,
+    METRIC_DEFINITIONS,
+    evaluate_segmenter,
+    summarise,
+    write_outputs,
+)
+from fetalscan.biometry.segmenter import HeadSegmenter, upsample_logits
+from fetalscan.data.hc18 import BiometryItem, read_mask
+from fetalscan.errors import FetalscanError, SplitError
+from fetalscan.models.segmenters import SegmenterConfig, build_segmenter, save_segmenter
 
 log = logging.getLogger(__name__)
 
-DISCLAIMER = ("fetalscan biometry is research software that supports, and never replaces, the "
-              "sonographer's and clinician's measurement; it is not a medical device.")
-HC18_REFERENCE = {
-    "paper": "van den Heuvel et al., PLoS ONE 2018;13(8):e0200412",
-    "reference_method_hc_abs_diff_mm": 2.8,
-    "note": "the paper's reference method reached a mean absolute HC difference of about 2.8 mm on the "
-            "HC18 test set; the best challenge entries are near 2 mm or below",
-}
-GOAL_HC_ABS_DIFF_MM = 2.0
 
 
-# --------------------------------------------------------------------------- manifest
 
 
-@dataclass(frozen=True)
-class BiometryItem:
-    """One row of a biometry manifest."""
 
-    image: Path
-    mask: Path | None
-    exam: str
-    pixel_size_mm: float | None
-    hc_mm: float | None
-    name: str  # image path as written in the manifest
-    line: int  # 1-based manifest line (header = 1)
-
-    def where(self) -> str:
-        return f"{self.image} [manifest line {self.line}]"
-
-
-_ALIASES = {"image": ("image", "path"), "exam": ("exam", "group"),
-            "pixel_size_mm": ("pixel_size_mm", "pixel_spacing_mm"), "mask": ("mask",), "hc_mm": ("hc_mm",)}
-
-
-def _column(columns: Sequence[str], key: str) -> str | None:
-    return next((c for c in _ALIASES[key] if c in columns), None)
-
-
-def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True) -> list[BiometryItem]:
-    """Read and validate a biometry manifest (paths relative to the CSV).
-
-    Raises :class:`DataError` naming the file, line and field for a missing
-    column, an empty or non-existent image / mask, an empty exam, or a
-    non-numeric / non-positive pixel size or HC. An empty ``pixel_size_mm`` is
-    allowed (that image is then measured in pixels).
-    """
-    from .data import read_csv_table
-
-    csv_path = Path(csv_path)
-    columns, rows = read_csv_table(csv_path)
-    required = ["image", "exam"] + (["mask"] if require_masks else [])
-    names = {k: _column(columns, k) for k in _ALIASES}
-    missing = [k for k in required if names[k] is None]
-    if missing:
-        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; found: {', '.join(columns) or '(none)'}; "
-                        "a biometry manifest has image,mask,exam,pixel_size_mm,hc_mm")
-    if not rows:
-        raise DataError(f"{csv_path}: the manifest has no rows")
-    root = csv_path.parent
-    items = []
-    for line, raw in enumerate(rows, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-
-        def path_of(key: str, optional: bool = False) -> Path | None:
-            col = names[key]
-            rel = row.get(col, "") if col else ""
-            if not rel:
-                if optional:
-                    return None
-                raise DataError(f"{csv_path}, line {line}, field {col!r}: empty")
-            p = Path(rel) if Path(rel).is_absolute() else (root / rel).resolve()
-            if not p.is_file():
-                raise DataError(f"{csv_path}, line {line}, field {col!r}: file does not exist: {rel}")
-            return p
-
-        image = path_of("image")
-        mask = path_of("mask", optional=not require_masks)
-        exam = row.get(names["exam"] or "", "")
-        if not exam:
-            raise DataError(f"{csv_path}, line {line}, field {names['exam']!r}: empty (the exam groups images "
-                            "that must stay on one side of a split)")
-        ps = _positive(row, names["pixel_size_mm"], line, csv_path)
-        hc = _positive(row, names["hc_mm"], line, csv_path)
-        items.append(BiometryItem(image, mask, exam, ps, hc, row[names["image"]], line))  # type: ignore[arg-type]
-    return items
-
-
-def _positive(row: dict, col: str | None, line: int, csv_path: Path) -> float | None:
-    from .data import parse_float
-
-    value = row.get(col, "") if col else ""
-    v = parse_float(value, col or "", line, csv_path)
-    if v is None:
-        return None
-    if not math.isfinite(v) or v <= 0:
-        raise DataError(f"{csv_path}, line {line}, field {col!r}: must be a positive number, got {value!r}")
-    return v
-
-
-def read_mask(item: BiometryItem, shape: tuple[int, int]) -> np.ndarray:
-    """The item's reference mask as bool (H, W); a mask of another size than its image is an error."""
-    from .data import read_image
-
-    if item.mask is None:
-        raise DataError(f"{item.where()}: no mask given")
-    m = read_image(item.mask)
-    if m.shape[:2] != tuple(shape):
-        raise DataError(f"mask {item.mask} has shape {m.shape[1]}x{m.shape[0]} (W x H) but its image {item.image} "
-                        f"is {shape[1]}x{shape[0]}; a mask must have the size of its image")
-    return as_binary_mask(m, where=str(item.mask))
-
-
-# --------------------------------------------------------------------------- configuration
 
 
 @dataclass
@@ -217,9 +115,6 @@ class BiometryTrainConfig:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- prepared data
-
-
 @dataclass
 class PreparedSet:
     """Images and masks decoded once, at the network input size, plus what measuring needs."""
@@ -242,9 +137,9 @@ def prepare_set(items: Sequence[BiometryItem], cfg: SegmenterConfig) -> Prepared
     """Decode every image and mask once, check the mask sizes, resize both for the network."""
     import torch
 
-    from .data import read_image
-    from .progress import track
-    from .transforms import prepare
+    from fetalscan.data.records import read_image
+    from fetalscan.data.transforms import prepare
+    from fetalscan.progress import track
 
     pre = cfg.preprocessing()
     h, w = pre.input_size
@@ -265,9 +160,6 @@ def prepare_set(items: Sequence[BiometryItem], cfg: SegmenterConfig) -> Prepared
         elif fit.found and fit.ellipse is not None:
             ref[i] = fit.ellipse.perimeter()
     return PreparedSet(list(items), images, masks, shapes, ref, ellipses)
-
-
-# --------------------------------------------------------------------------- calibration
 
 
 def perimeter_offset(semi_major: float, semi_minor: float, target_perimeter: float) -> float:
@@ -299,9 +191,6 @@ def calibrate_axis_offset(ellipses: Sequence, ref_perimeter_px: np.ndarray) -> d
     return {"axis_offset_px": float(med), "n": len(deltas), "iqr_px": float(q3 - q1)}
 
 
-# --------------------------------------------------------------------------- training
-
-
 @dataclass
 class SegFitResult:
     """What one training produced (the model is returned beside it)."""
@@ -328,7 +217,7 @@ def _loss(logits, target):
 
 
 def _augmenters(cfg: BiometryTrainConfig, seed: int):
-    from .transforms import Augment, AugmentConfig
+    from fetalscan.data.transforms import Augment, AugmentConfig
 
     geometric = Augment(AugmentConfig(rotate_deg=cfg.rotate_deg, scale=0.15, translate=0.08, hflip=0.5,
                                       gain=0.0, contrast=0.0, gamma=0.0, speckle=0.0, blur=0.0), seed=seed)
@@ -341,7 +230,7 @@ def train_one_epoch(model, data: PreparedSet, pre, optimizer, scheduler, device,
     """One seeded pass over the training images; mean loss."""
     import torch
 
-    from .transforms import normalize
+    from fetalscan.data.transforms import normalize
 
     model.train()
     order = torch.randperm(len(data.items), generator=gen)
@@ -370,7 +259,7 @@ def predict_low_res(model, images, pre, device, batch_size: int = 16) -> np.ndar
     """Logits ``(N, h, w)`` of prepared images, evaluation mode, model state restored."""
     import torch
 
-    from .transforms import normalize
+    from fetalscan.data.transforms import normalize
 
     was = model.training
     model.eval()
@@ -412,7 +301,7 @@ def fit_segmenter(model, train: PreparedSet, val: PreparedSet, cfg: BiometryTrai
     """
     import torch
 
-    from .progress import track
+    from fetalscan.progress import track
 
     t0 = time.perf_counter()
     pre = cfg.segmenter().preprocessing()
@@ -451,9 +340,6 @@ def fit_segmenter(model, train: PreparedSet, val: PreparedSet, cfg: BiometryTrai
     return SegFitResult(best[1], best[0], len(history), calibration, time.perf_counter() - t0, history)
 
 
-# --------------------------------------------------------------------------- splits
-
-
 def exam_strata(items: Sequence[BiometryItem], n_bins: int = 3) -> list[str]:
     """Per-image stratum: the tertile of its exam's mean reference HC (one label per exam)."""
     by_exam: dict[str, list[float]] = {}
@@ -470,7 +356,7 @@ def exam_strata(items: Sequence[BiometryItem], n_bins: int = 3) -> list[str]:
 
 def make_exam_folds(items: Sequence[BiometryItem], n_splits: int, seed: int, val_fraction: float):
     """Grouped (by exam), HC-stratified outer folds with inner-validation splits; audited."""
-    from .splits import audit_folds, make_folds, raise_if_failed
+    from fetalscan.splits import audit_folds, make_folds, raise_if_failed
 
     labels = exam_strata(items)
     groups = [it.exam for it in items]
@@ -482,7 +368,7 @@ def make_exam_folds(items: Sequence[BiometryItem], n_splits: int, seed: int, val
 
 def holdout_split(items: Sequence[BiometryItem], fraction: float, seed: int, val_fraction: float):
     """A held-out exam split (about ``fraction`` of the exams) and an inner split of the rest."""
-    from .splits import inner_split, stratified_group_kfold
+    from fetalscan.splits import inner_split, stratified_group_kfold
 
     labels = exam_strata(items)
     groups = [it.exam for it in items]
@@ -499,196 +385,14 @@ def holdout_split(items: Sequence[BiometryItem], fraction: float, seed: int, val
     return test, tr, va
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def hausdorff_mm(a: np.ndarray, b: np.ndarray, pixel_size: float) -> float:
-    """Symmetric Hausdorff distance between the outlines of two binary masks, times ``pixel_size``.
-
-    Outlines are the mask pixels with a background 4-neighbour; distances are
-    exact Euclidean (OpenCV distance transform, precise mask). NaN if either is empty.
-    """
-    import cv2
-
-    def outline(m: np.ndarray) -> np.ndarray:
-        m8 = m.astype(np.uint8)
-        return (m8 - cv2.erode(m8, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)) > 0
-
-    oa, ob = outline(a), outline(b)
-    if not oa.any() or not ob.any():
-        return math.nan
-    da = cv2.distanceTransform((~oa).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    db = cv2.distanceTransform((~ob).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return float(max(db[oa].max(), da[ob].max()) * pixel_size)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks (NaN when both are empty)."""
-    s = int(a.sum()) + int(b.sum())
-    return 2.0 * int(np.count_nonzero(a & b)) / s if s else math.nan
-
-
-def score_image(item: BiometryItem, logit: np.ndarray, ref_mask: np.ndarray, axis_offset_px: float,
-                mask_offset_px: float) -> dict:
-    """HC18-style scores of one image from its low-resolution logits and reference mask."""
-    shape = ref_mask.shape
-    pred_mask = upsample_logits(logit, shape) > 0.0
-    m = measure_mask(pred_mask, item.pixel_size_mm, axis_offset_px=axis_offset_px, where=item.name)
-    ps = item.pixel_size_mm
-    row = {"image": item.name, "exam": item.exam, "pixel_size_mm": ps, "hc_ref_mm": item.hc_mm,
-           "status": m.status}
-    row["dice_raw"] = dice(pred_mask, ref_mask)
-    if m.found and m.ellipse is not None:
-        ell = m.ellipse.filled_mask(shape)
-        row["dice"] = dice(ell, ref_mask)
-        row["hausdorff_mm"] = hausdorff_mm(ell, ref_mask, ps) if ps else math.nan
-    else:
-        row["dice"], row["hausdorff_mm"] = 0.0, math.nan
-    mm = m.unit == "mm"
-    row["hc_pred_mm"] = m.hc if (m.found and mm) else math.nan
-    row["bpd_pred_mm"] = m.bpd if (m.found and mm) else math.nan
-    row["ofd_pred_mm"] = m.ofd if (m.found and mm) else math.nan
-    row["ga_pred_weeks"] = m.ga.weeks if m.ga.weeks is not None else math.nan
-    ref = item.hc_mm if item.hc_mm is not None else math.nan
-    row["hc_diff_mm"] = row["hc_pred_mm"] - ref
-    row["hc_abs_diff_mm"] = abs(row["hc_diff_mm"])
-    gt = measure_mask(ref_mask, ps, axis_offset_px=mask_offset_px, where=f"reference mask of {item.name}")
-    row["hc_ref_mask_fit_mm"] = gt.hc if (gt.found and gt.unit == "mm") else math.nan
-    row["hc_ref_mask_fit_diff_mm"] = row["hc_ref_mask_fit_mm"] - ref
-    row["warnings"] = " | ".join(m.warnings)
-    return row
-
-
-def evaluate_segmenter(segmenter: HeadSegmenter, items: Sequence[BiometryItem], *,
-                       mask_offset_px: float | None = None, description: str = "scoring") -> pd.DataFrame:
-    """Per-image HC18-style scores of a trained segmenter (see :func:`score_image`).
-
-    ``mask_offset_px`` is the mask-drawing offset used for the reference-mask fit
-    (default: the one stored with the segmenter, estimated on its training masks).
-    """
-    from .data import read_image
-    from .progress import track
-
-    if mask_offset_px is None:
-        mask_offset_px = float(segmenter.calibration.get("mask_axis_offset_px", 0.0))
-    rows = []
-    for item in track(items, description, total=len(items)):
-        img = read_image(item.image)
-        ref = read_mask(item, img.shape[:2])
-        logit = segmenter.logits(segmenter.prepare(img)[None])[0]
-        rows.append(score_image(item, logit, ref, segmenter.axis_offset_px, mask_offset_px))
-    return pd.DataFrame(rows)
-
-
-def _bootstrap_mean(values: np.ndarray, groups: Sequence[str], n_boot: int, seed: int) -> list[float]:
-    from .evaluate import group_bootstrap_weights, percentile_interval
-
-    ok = np.isfinite(values)
-    v, g = values[ok], [x for x, k in zip(groups, ok) if k]
-    if len(v) < 2:
-        return [math.nan, math.nan]
-    stats = []
-    for w in group_bootstrap_weights(g, n_boot, seed):
-        stats.append((w @ v) / np.maximum(w.sum(1), 1e-12))
-    return percentile_interval(np.concatenate(stats))
-
-
-def summarise(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Mean +/- SD of every score, 95 % exam-bootstrap intervals, Bland-Altman limits, counts."""
-    groups = df["exam"].astype(str).tolist()
-    out: dict = {"n_images": int(len(df)), "n_exams": int(df["exam"].nunique()),
-                 "n_no_head": int((df["status"] != "ok").sum())}
-    for col in ("dice", "dice_raw", "hausdorff_mm", "hc_abs_diff_mm", "hc_diff_mm",
-                "hc_ref_mask_fit_diff_mm"):
-        v = df[col].to_numpy(dtype=np.float64)
-        fin = v[np.isfinite(v)]
-        out[f"{col}_mean"] = float(fin.mean()) if len(fin) else math.nan
-        out[f"{col}_sd"] = float(fin.std(ddof=1)) if len(fin) > 1 else math.nan
-        out[f"{col}_median"] = float(np.median(fin)) if len(fin) else math.nan
-        out[f"{col}_n"] = int(len(fin))
-        out[f"{col}_mean_ci95"] = _bootstrap_mean(v, groups, n_boot, seed)
-    gt = df["hc_ref_mask_fit_diff_mm"].to_numpy(dtype=np.float64)
-    gt = gt[np.isfinite(gt)]
-    out["hc_ref_mask_fit_abs_diff_mm_mean"] = float(np.abs(gt).mean()) if len(gt) else math.nan
-    out["hc_ref_mask_fit_abs_diff_mm_sd"] = float(np.abs(gt).std(ddof=1)) if len(gt) > 1 else math.nan
-    d = df["hc_diff_mm"].to_numpy(dtype=np.float64)
-    d = d[np.isfinite(d)]
-    if len(d) > 1:
-        bias, sd = float(d.mean()), float(d.std(ddof=1))
-        out["bland_altman"] = {"bias_mm": bias, "sd_mm": sd, "loa_low_mm": bias - 1.96 * sd,
-                               "loa_high_mm": bias + 1.96 * sd, "n": int(len(d))}
-    within = df["hc_abs_diff_mm"].to_numpy(dtype=np.float64)
-    within = within[np.isfinite(within)]
-    for t in (2.0, 3.0, 5.0):
-        out[f"share_hc_within_{t:g}mm"] = float((within <= t).mean()) if len(within) else math.nan
-    out["by_reference_hc"] = _by_hc_band(df)
-    out["goal_hc_abs_diff_mm"] = GOAL_HC_ABS_DIFF_MM
-    out["goal_met"] = bool(out["hc_abs_diff_mm_mean"] <= GOAL_HC_ABS_DIFF_MM) if len(within) else False
-    return out
-
-
-#: Reference-HC bands (mm) for the breakdown of errors (roughly: first trimester, second, early and late third).
-HC_BANDS: tuple[tuple[float, float], ...] = ((0.0, 100.0), (100.0, 200.0), (200.0, 280.0), (280.0, math.inf))
-
-
-def _by_hc_band(df: pd.DataFrame) -> list[dict]:
-    """Mean absolute and relative HC difference per reference-HC band (small bands are flagged by n)."""
-    rows = []
-    for lo, hi in HC_BANDS:
-        s = df[(df["hc_ref_mm"] >= lo) & (df["hc_ref_mm"] < hi)]
-        err = s["hc_abs_diff_mm"].to_numpy(dtype=np.float64)
-        ok = np.isfinite(err)
-        rel = err[ok] / s["hc_ref_mm"].to_numpy(dtype=np.float64)[ok] * 100 if ok.any() else np.array([])
-        rows.append({"hc_ref_mm": f"{lo:.0f}-{hi:.0f}" if math.isfinite(hi) else f">={lo:.0f}",
-                     "n_images": int(len(s)), "n_exams": int(s["exam"].nunique()),
-                     "hc_abs_diff_mm_mean": float(err[ok].mean()) if ok.any() else math.nan,
-                     "hc_abs_diff_percent_mean": float(rel.mean()) if len(rel) else math.nan,
-                     "dice_mean": float(s["dice"].mean()) if len(s) else math.nan})
-    return rows
-
-
-def bland_altman_figure(df: pd.DataFrame, title: str):
-    """Bland-Altman plot of predicted vs reference HC (difference against mean), as a Figure."""
-    from .figures import new_figure
-
-    ok = np.isfinite(df["hc_pred_mm"]) & np.isfinite(df["hc_ref_mm"])
-    pred, ref = df.loc[ok, "hc_pred_mm"].to_numpy(float), df.loc[ok, "hc_ref_mm"].to_numpy(float)
-    fig, ax = new_figure(6.4, 4.2)
-    mean, diff = (pred + ref) / 2, pred - ref
-    ax.scatter(mean, diff, s=8, alpha=0.6, color="#1f77b4", linewidths=0)
-    if len(diff) > 1:
-        bias, sd = diff.mean(), diff.std(ddof=1)
-        for y, style, label in ((bias, "-", f"bias {bias:+.2f} mm"),
-                                (bias + 1.96 * sd, "--", f"+1.96 SD {bias + 1.96 * sd:+.2f} mm"),
-                                (bias - 1.96 * sd, "--", f"-1.96 SD {bias - 1.96 * sd:+.2f} mm")):
-            ax.axhline(y, color="#d62728", linestyle=style, linewidth=1, label=label)
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
-    ax.axhline(0, color="grey", linewidth=0.6)
-    ax.set_xlabel("mean of predicted and reference HC (mm)")
-    ax.set_ylabel("predicted - reference HC (mm)")
-    ax.set_title(title, fontsize=10)
-    return fig
-
-
-# --------------------------------------------------------------------------- orchestration
 
 
 def _provenance(cfg: BiometryTrainConfig, items: Sequence[BiometryItem], **extra) -> dict:
-    from .fileio import provenance
+    from fetalscan.fileio import provenance
 
     return provenance(seed=cfg.seed, data_hash=manifest_hash(items), **extra)
 
 
-def manifest_hash(items: Sequence[BiometryItem]) -> str:
-    """SHA-256 over (name, exam, pixel size, HC, image bytes hash) of every item."""
-    import hashlib
-
-    from .fileio import sha256_file
-
-    h = hashlib.sha256()
-    for it in items:
-        h.update(f"{it.name}\t{it.exam}\t{it.pixel_size_mm}\t{it.hc_mm}\t{sha256_file(it.image)}\n".encode())
-    return h.hexdigest()
 
 
 def _mask_offset(data: PreparedSet) -> dict:
@@ -703,8 +407,14 @@ def train_final(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, out: st
     Also writes ``split.csv`` (image, exam, role: train / inner_val / holdout) and
     ``train.json`` (configuration, history, calibration, provenance).
     """
-    from .fileio import check_out_dir, prepare_out_dir, sha256_file, write_csv, write_json
-    from .runtime import resolve_device, seed_everything
+    from fetalscan.fileio import (
+        check_out_dir,
+        prepare_out_dir,
+        sha256_file,
+        write_csv,
+        write_json,
+    )
+    from fetalscan.runtime import resolve_device, seed_everything
 
     cfg.validate()
     out = check_out_dir(out, overwrite)
@@ -750,8 +460,8 @@ def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, out:
     ``biometry_metrics.json``, ``folds.csv``, ``bland_altman.png`` and
     ``report.html`` into ``out``.
     """
-    from .fileio import check_out_dir, prepare_out_dir, write_csv
-    from .runtime import resolve_device, seed_everything
+    from fetalscan.fileio import check_out_dir, prepare_out_dir, write_csv
+    from fetalscan.runtime import resolve_device, seed_everything
 
     cfg.validate()
     out = check_out_dir(out, overwrite)
@@ -806,111 +516,3 @@ def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, out:
     write_csv(out / "folds.csv", folds_csv.drop_duplicates())
     write_outputs(out, per_image, metrics, f"Grouped {len(fold_list)}-fold CV (out-of-fold)")
     return metrics
-
-
-def evaluate_checkpoint(model_path: str | Path, items: Sequence[BiometryItem], out: str | Path, *,
-                        split: str = "all", device: str = "auto", backend: str = "auto", overwrite: bool = False,
-                        n_boot: int = 1000, seed: int = 0, manifest: str | None = None) -> dict:
-    """Score a trained segmenter on a manifest, refusing images it was trained on.
-
-    ``split="holdout"`` keeps only the exams the checkpoint's training held out;
-    ``split="all"`` scores every row, but raises :class:`DataError` if any image
-    (by file content) was used to train or early-stop the model.
-    """
-    from .fileio import check_out_dir, prepare_out_dir, provenance, sha256_file
-    from .runtime import resolve_device
-
-    out = check_out_dir(out, overwrite)
-    seg = HeadSegmenter.load(model_path, resolve_device(device), backend)
-    data_block = seg.meta.get("data") or {}
-    if split == "holdout":
-        held = set(data_block.get("holdout_exams") or [])
-        if not held:
-            raise DataError(f"{model_path} records no held-out exams (trained with --holdout-fraction 0); "
-                            "use --split all on data it has not seen")
-        items = [it for it in items if it.exam in held]
-        if not items:
-            raise DataError(f"none of the manifest's exams is among the {len(held)} exams held out by {model_path}")
-    elif split != "all":
-        raise FetalscanError(f"--split must be 'all' or 'holdout', got {split!r}")
-    trained = set(data_block.get("train_image_sha256") or [])
-    seen = [it for it in items if sha256_file(it.image) in trained]
-    if seen:
-        raise DataError(f"{len(seen)} of the {len(items)} images were used to train or early-stop {model_path} "
-                        f"(e.g. {seen[0].name}); scoring them would be optimistic. Use --split holdout or data "
-                        "the model has not seen")
-    t0 = time.perf_counter()
-    per_image = evaluate_segmenter(seg, items)
-    per_image.insert(2, "fold", "")
-    metrics = {
-        "disclaimer": DISCLAIMER,
-        "evaluation": f"trained model {model_path} on {'its held-out exams' if split == 'holdout' else 'unseen images'}",
-        **summarise(per_image, n_boot, seed),
-        "definitions": METRIC_DEFINITIONS,
-        "hc18_reference": HC18_REFERENCE,
-        "model": {"path": str(model_path), "calibration": seg.calibration,
-                  "architecture": seg.meta.get("architecture"), "backend": seg.backend},
-        "limitations": LIMITATIONS,
-        "seconds": time.perf_counter() - t0,
-        "provenance": provenance(seed=seed, data_hash=manifest_hash(items), manifest=manifest),
-    }
-    out = prepare_out_dir(out, overwrite)
-    write_outputs(out, per_image, metrics, "Held-out exams" if split == "holdout" else "Unseen images")
-    return metrics
-
-
-METRIC_DEFINITIONS = {
-    "dice": "Dice between the filled fitted ellipse and the reference mask (HC18 scoring); no head found = 0",
-    "dice_raw": "Dice between the thresholded segmentation and the reference mask",
-    "hausdorff_mm": "symmetric Hausdorff distance between the outlines of the fitted ellipse and of the "
-                    "reference mask, in mm",
-    "hc_diff_mm": "predicted minus reference HC (mm); reference = manifest hc_mm",
-    "hc_abs_diff_mm": "absolute HC difference (mm); images without a head found are excluded and counted in n_no_head",
-    "hc_ref_mask_fit_diff_mm": "HC of the same ellipse fit applied to the reference mask minus hc_mm: the "
-                               "measurement error alone, without segmentation error",
-    "ci95": "95 % percentile bootstrap interval of the mean, resampling exams (1000 resamples)",
-}
-LIMITATIONS = [
-    "HC18 images come from one centre and one device family (Radboud UMC); accuracy on other scanners, "
-    "settings and populations is unknown.",
-    "The reference masks are ellipses fitted to the sonographer's outline, not free-form skull segmentations; "
-    "the method is scored against ellipses and fits ellipses.",
-    "The images were chosen as good head planes by the sonographers; the measurement assumes a correct "
-    "transventricular plane (check it with `fetalscan view`).",
-    "BPD and OFD are outer-to-outer axes of the fitted ellipse; the clinical (outer-to-inner) BPD is smaller "
-    "by about one skull-bone thickness. No reference BPD/OFD exists in HC18, so they are not scored.",
-    "Gestational age is the Hadlock 1984 population regression on HC; its +/-2 SD spread grows from about "
-    "1.2 weeks in the second trimester to about 3 weeks at term, far larger than the HC measurement error.",
-]
-
-
-def write_outputs(out: Path, per_image: pd.DataFrame, metrics: dict, title: str) -> None:
-    """``biometry_images.csv``, ``biometry_metrics.json``, ``bland_altman.png`` and ``report.html``."""
-    from .figures import figure_data_uri, save_figure
-    from .fileio import write_csv, write_json, write_text
-
-    write_csv(out / "biometry_images.csv", per_image)
-    write_json(out / "biometry_metrics.json", metrics)
-    fig = bland_altman_figure(per_image, f"Bland-Altman, {title}")
-    save_figure(fig, out / "bland_altman.png")
-    write_text(out / "report.html", render_report(metrics, per_image, title, figure_data_uri(fig)))
-
-
-def render_report(metrics: dict, per_image: pd.DataFrame, title: str, bland_altman_uri: str) -> str:
-    """The self-contained HTML report (``templates/biometry_report.html.j2``)."""
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.PackageLoader("fetalscan", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]))
-    worst = per_image.sort_values("hc_abs_diff_mm", ascending=False, na_position="first").head(10)
-    return env.get_template("biometry_report.html.j2").render(
-        title=title, m=metrics, bland_altman=bland_altman_uri,
-        worst=worst.to_dict("records"), fmt=_fmt)
-
-
-def _fmt(v, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)

@@ -72,16 +72,20 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError, DataError, FetalscanError, ModelError
+from fetalscan.data.hc18 import as_binary_mask
+from fetalscan.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- gestational age
 
 #: Hadlock 1984 HC formula: GA (weeks) = 8.96 + 0.540 HC + 0.0003 HC^3, HC in cm.
 HADLOCK_HC_COEFFICIENTS: tuple[float, float, float] = (8.96, 0.540, 0.0003)
+
+
 #: HC range (mm) of the formula's published table; outside it no age is given.
 HADLOCK_HC_RANGE_MM: tuple[float, float] = (68.0, 360.0)
+
+
 #: Stated variability of the HC-derived age: (upper HC bound in mm, +/-2 SD in weeks).
 #: An HC between two tabulated bands takes the wider (next) band.
 HADLOCK_HC_2SD_WEEKS: tuple[tuple[float, float], ...] = (
@@ -151,9 +155,6 @@ def hadlock_ga(hc_mm: float | None) -> GestationalAge:
     weeks = c0 + c1 * hc_cm + c3 * hc_cm**3
     two_sd = next(sd for upper, sd in HADLOCK_HC_2SD_WEEKS if hc_mm <= upper)
     return GestationalAge(float(weeks), float(two_sd))
-
-
-# --------------------------------------------------------------------------- ellipse geometry
 
 
 def ramanujan_perimeter(a: float, b: float) -> float:
@@ -233,8 +234,6 @@ class Ellipse:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- mask -> ellipse
-
 #: The contour points are the centres of the region's boundary pixels, which lie half a
 #: pixel inside the region's edge; the fitted semi-axes are grown by this much so that a
 #: filled mask measures its own outline (an analytic ellipse of >= 40 px semi-axes is then
@@ -256,21 +255,6 @@ class HeadFit:
     touches_border: bool = False
 
 
-def as_binary_mask(mask: np.ndarray, where: str = "mask") -> np.ndarray:
-    """A (H, W) head mask as bool: bool as is, floats > 0.5, integers > 0.
-
-    A 3-channel mask with identical channels is accepted (first channel used).
-    """
-    m = np.asarray(mask)
-    if m.ndim == 3 and m.shape[2] in (3, 4) and np.array_equal(m[..., 0], m[..., 1]):
-        m = m[..., 0]
-    if m.ndim != 2:
-        raise DataError(f"{where}: a head mask must be a 2-D (H, W) array, got shape {m.shape}")
-    if m.dtype == bool:
-        return m
-    if np.issubdtype(m.dtype, np.floating):
-        return m > 0.5
-    return m > 0
 
 
 def fit_head_ellipse(
@@ -352,9 +336,6 @@ def _region_ellipse_iou(contour: np.ndarray, shape: tuple[int, int], box: tuple[
     region = region.astype(bool)
     union = np.count_nonzero(filled | region)
     return np.count_nonzero(filled & region) / union if union else float("nan")
-
-
-# --------------------------------------------------------------------------- measurement
 
 
 @dataclass
@@ -493,9 +474,6 @@ def measure_mask(
     return result
 
 
-# --------------------------------------------------------------------------- overlay
-
-
 def draw_overlay(image: np.ndarray, m: HeadMeasurement, *, color=(0, 255, 0)) -> np.ndarray:
     """The image (RGB uint8) with the fitted ellipse, the BPD / OFD axes and the values as text.
 
@@ -549,257 +527,8 @@ def save_overlay(path: str | Path, image: np.ndarray, m: HeadMeasurement) -> Pat
     """Write :func:`draw_overlay` as PNG atomically."""
     from PIL import Image
 
-    from .fileio import write_bytes
+    from fetalscan.fileio import write_bytes
 
     buf = io.BytesIO()
     Image.fromarray(draw_overlay(image, m)).save(buf, format="PNG")
     return write_bytes(path, buf.getvalue())
-
-
-# --------------------------------------------------------------------------- segmenter model
-
-SEGMENTER_FORMAT = "fetalscan-segmenter"
-SEGMENTER_FORMAT_VERSION = 1
-
-
-@dataclass
-class SegmenterConfig:
-    """Architecture of the head segmenter (saved in its checkpoint).
-
-    A U-Net (Ronneberger et al. 2015) from ``segmentation_models_pytorch`` with a
-    light encoder, one grey input channel and one output (head logit), run at a
-    reduced input size (height, width multiples of 32). ``pretrained`` is
-    ``none`` (default, offline) or ``imagenet`` (downloaded by the library's own
-    loader into its cache; needs network once).
-    """
-
-    encoder: str = "mobilenet_v2"
-    decoder_channels: str = "64,32,24,16,16"
-    input_height: int = 128
-    input_width: int = 192
-    pretrained: str = "none"
-
-    def channels(self) -> tuple[int, ...]:
-        try:
-            ch = tuple(int(c) for c in str(self.decoder_channels).split(","))
-        except ValueError:
-            raise FetalscanError(f"--decoder-channels must be comma-separated integers, got {self.decoder_channels!r}") from None
-        if len(ch) != 5 or min(ch) < 1:
-            raise FetalscanError(f"--decoder-channels needs 5 positive integers, got {self.decoder_channels!r}")
-        return ch
-
-    def validate(self) -> None:
-        self.channels()
-        for name in ("input_height", "input_width"):
-            v = getattr(self, name)
-            if v < 32 or v % 32:
-                raise FetalscanError(f"--{name.replace('_', '-')} must be a positive multiple of 32, got {v}")
-        if self.pretrained not in ("none", "imagenet"):
-            raise FetalscanError(f"--pretrained must be 'none' or 'imagenet' for the segmenter, got {self.pretrained!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def preprocessing(self):
-        """Grey input at ``(input_height, input_width)``, per-image standardisation."""
-        from .models import Preprocessing
-
-        return Preprocessing(input_size=(self.input_height, self.input_width), channels=1,
-                             normalization="per_image", mean=(0.0,), std=(1.0,), scale=1.0)
-
-
-def build_segmenter(cfg: SegmenterConfig):
-    """A fresh ``smp.Unet`` for ``cfg`` (ImageNet encoder weights only with ``pretrained='imagenet'``)."""
-    import segmentation_models_pytorch as smp
-
-    cfg.validate()
-    weights = "imagenet" if cfg.pretrained == "imagenet" else None
-    try:
-        return smp.Unet(cfg.encoder, encoder_weights=weights, in_channels=1, classes=1,
-                        decoder_channels=cfg.channels())
-    except KeyError as exc:
-        raise ModelError(f"unknown segmentation encoder {cfg.encoder!r} ({exc}); try mobilenet_v2, resnet18, "
-                         "resnet34 or efficientnet-b0") from None
-    except (OSError, RuntimeError, ValueError) as exc:
-        if weights:
-            raise ModelError(f"could not load ImageNet weights for encoder {cfg.encoder!r}: {exc}. "
-                             "Offline? Use --pretrained none.") from exc
-        raise ModelError(f"cannot build the segmenter {cfg}: {exc}") from exc
-
-
-def save_segmenter(path: str | Path, model, cfg: SegmenterConfig, *, calibration: dict,
-                   training: dict | None = None, data: dict | None = None,
-                   provenance: dict | None = None) -> Path:
-    """Write a segmenter checkpoint atomically (plain dict, ``weights_only`` loadable)."""
-    from .checkpoint import cpu_state, save_blob
-
-    return save_blob(
-        path, SEGMENTER_FORMAT, format_version=SEGMENTER_FORMAT_VERSION,
-        task="fetal head segmentation -> ellipse -> HC/BPD/OFD",
-        architecture={"family": "smp.Unet", **cfg.to_dict()},
-        preprocessing=cfg.preprocessing().to_dict(),
-        calibration=dict(calibration),
-        training=training or {},
-        data=data or {},
-        provenance=provenance or {},
-        state_dict=cpu_state(model.state_dict()),
-    )
-
-
-def read_segmenter_checkpoint(path: str | Path) -> dict:
-    """Read and validate a segmenter checkpoint dict (format, version, fields)."""
-    from .checkpoint import load_blob
-
-    return load_blob(path, SEGMENTER_FORMAT, "head-segmenter checkpoint", format_version=SEGMENTER_FORMAT_VERSION,
-                     required=("architecture", "calibration", "state_dict"))
-
-
-def config_from_architecture(arch: dict, where: str = "checkpoint") -> SegmenterConfig:
-    """Rebuild a :class:`SegmenterConfig` from a checkpoint's ``architecture`` block."""
-    try:
-        return SegmenterConfig(encoder=str(arch["encoder"]), decoder_channels=str(arch["decoder_channels"]),
-                               input_height=int(arch["input_height"]), input_width=int(arch["input_width"]),
-                               pretrained="none")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: architecture block is malformed ({exc!r}): {arch}") from None
-
-
-class HeadSegmenter:
-    """A trained head segmenter ready for inference, with its calibration.
-
-    ``backend="torch"`` runs the network in PyTorch (``inference_mode``);
-    ``backend="onnx"`` exports it once to ONNX in memory and runs it with
-    onnxruntime on the CPU (the fast path, see ``benchmarks/biometry_speed.py``).
-    ``auto`` picks onnx on a CPU device and torch on CUDA.
-    """
-
-    def __init__(self, model, cfg: SegmenterConfig, calibration: dict | None = None, *,
-                 device=None, backend: str = "auto", meta: dict | None = None) -> None:
-        import torch
-
-        self.cfg = cfg
-        self.pre = cfg.preprocessing()
-        self.calibration = dict(calibration or {})
-        self.meta = dict(meta or {})
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.model = model.eval().to(self.device)
-        if backend == "auto":
-            backend = "onnx" if self.device.type == "cpu" else "torch"
-        if backend not in ("torch", "onnx"):
-            raise FetalscanError(f"backend must be 'torch', 'onnx' or 'auto', got {backend!r}")
-        self.backend = backend
-        self._session = None
-
-    @property
-    def axis_offset_px(self) -> float:
-        """Calibrated offset added to both fitted semi-axes (pixels of the original image)."""
-        return float(self.calibration.get("axis_offset_px", 0.0))
-
-    @classmethod
-    def load(cls, path: str | Path, device=None, backend: str = "auto") -> HeadSegmenter:
-        """Load a checkpoint written by :func:`save_segmenter` (strict weights)."""
-        blob = read_segmenter_checkpoint(path)
-        cfg = config_from_architecture(blob["architecture"], str(path))
-        model = build_segmenter(cfg)
-        try:
-            model.load_state_dict(blob["state_dict"], strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path}: weights do not match the architecture "
-                                  f"({str(exc).splitlines()[0]})") from exc
-        meta = {k: v for k, v in blob.items() if k != "state_dict"}
-        return cls(model, cfg, blob["calibration"], device=device, backend=backend, meta=meta)
-
-    # ---- network
-
-    def prepare(self, image: np.ndarray):
-        """RGB uint8 (H, W, 3) -> prepared uint8 (1, h, w) tensor (see :func:`fetalscan.transforms.prepare`)."""
-        from .transforms import prepare
-
-        return prepare(_as_rgb(image), self.pre)
-
-    def logits(self, batch) -> np.ndarray:
-        """Low-resolution logits ``(N, h, w)`` float32 of a prepared uint8 batch ``(N, 1, h, w)``."""
-        import torch
-
-        from .transforms import normalize
-
-        x = normalize(batch, self.pre)
-        if self.backend == "onnx":
-            session = self._onnx_session()
-            return session.run(None, {"image": x.numpy()})[0][:, 0]
-        with torch.inference_mode():
-            return self.model(x.to(self.device)).float()[:, 0].cpu().numpy()
-
-    def _onnx_session(self):
-        if self._session is None:
-            self._session = onnx_session(self.model, self.cfg)
-        return self._session
-
-    def probability_map(self, image: np.ndarray) -> np.ndarray:
-        """Head probability at the original image size, float32 (H, W)."""
-        logit = self.logits(self.prepare(image)[None])[0]
-        return _sigmoid(upsample_logits(logit, image.shape[:2]))
-
-    def measure(self, image: np.ndarray, pixel_size_mm: float | None = None, where: str = "image") -> HeadMeasurement:
-        """Segment, fit and measure one image (RGB or grey uint8)."""
-        logit = self.logits(self.prepare(image)[None])[0]
-        return self.measure_logits(logit, image.shape[:2], pixel_size_mm, where)
-
-    def measure_logits(self, logit: np.ndarray, shape: tuple[int, int], pixel_size_mm: float | None,
-                       where: str = "image") -> HeadMeasurement:
-        """Measure from low-resolution logits (upsampled to ``shape`` first)."""
-        mask = upsample_logits(logit, shape) > 0.0
-        return measure_mask(mask, pixel_size_mm, axis_offset_px=self.axis_offset_px, where=where)
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise DataError(f"expected an RGB or grey uint8 image, got {img.dtype} {img.shape}")
-    return img
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))).astype(np.float32)
-
-
-def upsample_logits(logit: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of a (h, w) logit map to ``shape`` (H, W), pixel-centre aligned."""
-    import cv2
-
-    h, w = int(shape[0]), int(shape[1])
-    return cv2.resize(np.ascontiguousarray(logit, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-def onnx_session(model, cfg: SegmenterConfig, threads: int | None = None):
-    """Export ``model`` to ONNX in memory and open an onnxruntime CPU session on it."""
-    import onnxruntime as ort
-    import torch
-
-    buf = io.BytesIO()
-    dummy = torch.zeros(1, 1, cfg.input_height, cfg.input_width)
-    was_training = model.training
-    model_cpu = model.eval().to("cpu")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model_cpu, dummy, buf, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    model.train(was_training)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-
-
-__all__ = [
-    "Ellipse", "GestationalAge", "HeadFit", "HeadMeasurement", "HeadSegmenter", "SegmenterConfig",
-    "build_segmenter", "draw_overlay", "fit_head_ellipse", "hadlock_ga", "measure_ellipse", "measure_mask",
-    "ramanujan_perimeter", "read_segmenter_checkpoint", "save_overlay", "save_segmenter", "upsample_logits",
-]

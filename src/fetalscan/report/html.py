@@ -22,15 +22,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .fileio import write_text
+from fetalscan.errors import DataError
+from fetalscan.fileio import write_text
 
 log = logging.getLogger(__name__)
+
 
 DISCLAIMER = (
     "fetalscan is research software that supports, and never replaces, the clinician's "
     "reading; it is not a medical device."
 )
+
+
 SECTIONS = (
     ("findings", "Key findings"), ("dataset", "Dataset"), ("overall", "Overall performance"),
     ("per-class", "Per-class performance"), ("curves", "ROC and precision-recall curves"),
@@ -39,11 +42,10 @@ SECTIONS = (
     ("explainability", "Explainability"), ("limitations", "What these results cannot show"),
     ("provenance", "Provenance"),
 )
+
+
 _COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
             "#bcbd22", "#17becf", "#393b79", "#ad494a", "#637939", "#8c6d31", "#7b4173", "#3182bd"]
-
-
-# --------------------------------------------------------------------------- formatting
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -80,23 +82,20 @@ def wilson(block: dict | None, name: str) -> list | None:
     return ((block or {}).get(name) or {}).get("wilson")
 
 
-# --------------------------------------------------------------------------- figures
-
-
 def _fig(width: float = 5.2, height: float = 4.2):
-    from .figures import new_figure
+    from fetalscan.figures import new_figure
 
     return new_figure(width, height)
 
 
 def _uri(fig) -> str:
-    from .figures import figure_data_uri
+    from fetalscan.figures import figure_data_uri
 
     return figure_data_uri(fig, dpi=100)
 
 
 def _prob_matrix(df: pd.DataFrame, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    from .evaluate import labelled_rows
+    from fetalscan.evaluation.metrics import labelled_rows
 
     lab = labelled_rows(df)
     index = {c: i for i, c in enumerate(classes)}
@@ -198,7 +197,7 @@ def screening_figure(frames: dict, screening: dict) -> str | None:
     """ROC of p(abnormal) at image and patient level with the operating points."""
     from sklearn.metrics import roc_curve
 
-    from .evaluate import labelled_rows
+    from fetalscan.evaluation.metrics import labelled_rows
 
     normal = screening["normal_class"]
     truths = {key: labelled_rows(frames[key])["label"].astype(str).to_numpy() != normal for key in ("image", "patient")}
@@ -282,9 +281,6 @@ def counts_figure(dataset: dict) -> str:
     return _uri(fig)
 
 
-# --------------------------------------------------------------------------- explainability
-
-
 def read_explainability(run_dir: Path) -> dict:
     """Read ``RUN/explain/faithfulness.json`` and ``gallery.json`` when present.
 
@@ -313,7 +309,7 @@ def read_explainability(run_dir: Path) -> dict:
         except (ValueError, OSError) as exc:
             notes.append(f"{gpath} could not be used: {exc}")
             gallery = None
-        from .figures import file_data_uri
+        from fetalscan.figures import file_data_uri
 
         for i, item in enumerate(gallery or []):
             if not isinstance(item, dict) or "overlay" not in item:
@@ -328,7 +324,7 @@ def read_explainability(run_dir: Path) -> dict:
     if faith is not None:
         rel = (faith.get("figures") or {}).get("curves") if isinstance(faith.get("figures"), dict) else None
         if rel and (base / str(rel)).is_file():
-            from .figures import file_data_uri
+            from fetalscan.figures import file_data_uri
 
             curves = file_data_uri(base / str(rel))
     present = faith is not None or bool(items)
@@ -341,9 +337,6 @@ def read_explainability(run_dir: Path) -> dict:
                   "faithfulness.json and gallery.json; then `fetalscan report RUN_DIR` adds them here",
     }
     return {"summary": summary, "faithfulness": faith, "gallery": items, "notes": notes, "curves": curves}
-
-
-# --------------------------------------------------------------------------- page
 
 
 def build_figures(metrics: dict, frames: dict) -> dict:
@@ -411,7 +404,3 @@ def render_report(metrics: dict, frames: dict, run_dir: Path, explain: dict | No
 def write_report(path: str | Path, html: str) -> Path:
     """Write the page atomically."""
     return write_text(path, html)
-
-
-__all__ = ["DISCLAIMER", "SECTIONS", "build_figures", "fmt", "fmt_ci", "read_explainability", "render_report",
-           "write_report"]

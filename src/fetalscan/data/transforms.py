@@ -20,13 +20,16 @@ flip (the probe is at the top) and no colour jitter (grey-scale modality).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models.registry import Preprocessing
+from fetalscan.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 def prepare(image: np.ndarray, pre: Preprocessing) -> torch.Tensor:
@@ -128,3 +131,47 @@ def _blur3(x: torch.Tensor) -> torch.Tensor:
     ch = x.shape[1]
     weight = k.view(1, 1, 3, 3).repeat(ch, 1, 1, 1)
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight, groups=ch)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB uint8 image becomes the network input; saved in every checkpoint.
+
+    ``normalization`` is ``"imagenet"`` (divide by 255, subtract ``mean``, divide by
+    ``std`` per channel) or ``"per_image"`` (SonoNet: ``scale * (x - mean(x)) / std(x)``
+    per image, on the 0-255 grey values).
+    """
+
+    input_size: tuple[int, int] = (224, 224)  # (height, width)
+    channels: int = 3
+    normalization: str = "imagenet"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    scale: float = 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        try:
+            return cls(
+                input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
+                channels=int(d["channels"]),
+                normalization=str(d["normalization"]),
+                mean=tuple(float(v) for v in d["mean"]),
+                std=tuple(float(v) for v in d["std"]),
+                scale=float(d.get("scale", 1.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"preprocessing block is malformed ({exc!r}): {d}") from exc

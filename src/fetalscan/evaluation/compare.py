@@ -42,12 +42,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, FetalscanError
+from fetalscan.errors import DataError, FetalscanError
 
 LEVELS = ("patient", "image")
-
-
-# --------------------------------------------------------------------------- DeLong
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -121,9 +118,6 @@ def delong_test(positive: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, 
             "n_positive": int(np.sum(positive)), "n_negative": int(np.sum(~np.asarray(positive, bool)))}
 
 
-# --------------------------------------------------------------------------- McNemar
-
-
 def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray, confidence: float = 0.95) -> dict:
     """McNemar's test (1947) of paired accuracies, with the Wald CI of the difference.
 
@@ -153,11 +147,9 @@ def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray, confidence: float
             "p_value_chi2": float(chi2.sf(x2, 1)) if b + c else 1.0, "ci_wald": [diff - zc * se, diff + zc * se]}
 
 
-# --------------------------------------------------------------------------- runs
-
-
 def _run_frame(run: Path, level: str) -> tuple[pd.DataFrame, list[str], dict]:
-    from .evaluate import labelled_rows, read_predictions
+    from fetalscan.evaluation.metrics import labelled_rows
+    from fetalscan.evaluation.runs import read_predictions
 
     run = Path(run)
     if not run.is_dir():
@@ -219,7 +211,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, level: str = "patient"
         ``accuracy`` (McNemar), ``auroc.per_class`` (DeLong), ``auroc.screening``
         (DeLong, when a normal class exists), ``auroc.macro`` (bootstrap CI), ``notes``.
     """
-    from .evaluate import group_bootstrap_weights, percentile_interval, weighted_auroc
+    from fetalscan.evaluation.bootstrap import (
+        group_bootstrap_weights,
+        percentile_interval,
+        weighted_auroc,
+    )
 
     if level not in LEVELS:
         raise FetalscanError(f"--level must be one of {LEVELS}, got {level!r}")
@@ -291,6 +287,3 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, level: str = "patient"
         "methods": "AUROC: paired DeLong test (DeLong et al. 1988; fast algorithm of Sun & Xu 2014); macro AUROC: "
                    "group bootstrap; accuracy: McNemar's exact test (1947), Wald and group-bootstrap CIs",
     }
-
-
-__all__ = ["compare_runs", "delong_covariance", "delong_test", "mcnemar_test"]

@@ -28,19 +28,28 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, ImageReadError
+from fetalscan.errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
 
+
 REQUIRED_COLUMNS = ("path", "label", "group")
+
+
 OPTIONAL_COLUMNS = ("ga_weeks", "center", "device", "view", "pixel_spacing_mm")
+
+
 KNOWN_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 
 
@@ -139,15 +148,12 @@ class Dataset:
 
 
 def _quick_file_hash(path: Path) -> str:
-    from .fileio import sha256_file
+    from fetalscan.fileio import sha256_file
 
     try:
         return sha256_file(path)
     except OSError as exc:
         raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-# --------------------------------------------------------------------------- media kinds
 
 
 def media_kind(path: Path) -> str:
@@ -157,7 +163,7 @@ def media_kind(path: Path) -> str:
         return "image"
     if ext in DICOM_EXTENSIONS:
         return "dicom"
-    from . import dicom, video
+    from fetalscan.data import dicom, video
 
     if video.is_video(path):
         return "video"
@@ -222,7 +228,7 @@ def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndar
 
 def _read_frames(path: Path, frames: list[int | None]) -> list[np.ndarray]:
     """Images of ``frames`` of one file (``None`` = a still image or single-frame DICOM)."""
-    from . import dicom, video
+    from fetalscan.data import dicom, video
 
     kind = media_kind(path)
     if kind == "image":
@@ -237,9 +243,6 @@ def _read_frames(path: Path, frames: list[int | None]) -> list[np.ndarray]:
 def read_record_image(record: Record) -> np.ndarray:
     """The RGB image of one record."""
     return next(iter_record_images([record]))[1]
-
-
-# --------------------------------------------------------------------------- expansion
 
 
 def expand_file(
@@ -260,7 +263,7 @@ def expand_file(
     kind = media_kind(path)
     if kind == "image":
         return [Record(path, label, group or path.stem, name, **meta)]
-    from . import dicom, video
+    from fetalscan.data import dicom, video
 
     if kind == "dicom":
         info = dicom.read_dicom_info(path)
@@ -279,9 +282,6 @@ def expand_file(
         f"unsupported file type {path.suffix or '(no extension)'}: {path}; "
         f"expected an image ({', '.join(IMAGE_EXTENSIONS)}), DICOM or video"
     )
-
-
-# --------------------------------------------------------------------------- manifest
 
 
 def read_csv_table(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -381,9 +381,6 @@ def check_group_labels(records: Sequence[Record], source: str) -> None:
             )
 
 
-# --------------------------------------------------------------------------- folders
-
-
 def _media_files(folder: Path) -> list[Path]:
     files = []
     for p in sorted(folder.rglob("*")):
@@ -446,9 +443,6 @@ def _compile_regex(pattern: str | None) -> re.Pattern[str] | None:
         raise DataError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
 
 
-# --------------------------------------------------------------------------- entry point
-
-
 def load_dataset(
     path: str | Path,
     *,
@@ -505,59 +499,6 @@ def load_dataset(
     return Dataset(records, class_list, str(path), loading=loading)
 
 
-# --------------------------------------------------------------------------- class policy
-
-
-def apply_rare_class_policy(dataset: Dataset, required: int, policy: str, merged_name: str = "other") -> Dataset:
-    """Deal with classes that have fewer than ``required`` groups.
-
-    ``error`` raises :class:`~fetalscan.errors.SplitError` listing them; ``drop``
-    removes their records; ``merge`` relabels them all as ``merged_name`` (the
-    original label is kept in ``Record.label_original``). A merged class that still
-    has too few groups is an error. What was done is appended to ``dataset.notes``.
-    """
-    from .errors import SplitError
-    from .splits import _deficient_message, deficient_classes
-
-    short = deficient_classes(dataset.labels, dataset.groups, required)
-    if not short:
-        return dataset
-    if policy == "error":
-        raise SplitError(f"{dataset.source}: " + _deficient_message(short, required, "kfold" if required > 2 else "logo"))
-    if policy == "drop":
-        keep = [i for i, r in enumerate(dataset.records) if r.label not in short]
-        if not keep:
-            raise SplitError(f"{dataset.source}: every class has fewer than {required} groups")
-        out = dataset.subset(keep)
-        out.classes = [c for c in dataset.classes if c not in short]
-        out.notes.append(f"dropped classes with fewer than {required} groups: {short}")
-        return out
-    if policy == "merge":
-        if merged_name in dataset.classes and merged_name not in short:
-            raise SplitError(f"--rare-classes merge: a class named {merged_name!r} already exists")
-        records = [
-            replace(r, label=merged_name, label_original=r.label) if r.label in short else r
-            for r in dataset.records
-        ]
-        classes = sorted({c for c in dataset.classes if c not in short} | {merged_name})
-        out = Dataset(records, classes, dataset.source, list(dataset.notes), dict(dataset.loading))
-        still = deficient_classes(out.labels, out.groups, required)
-        if still:
-            raise SplitError(
-                f"{dataset.source}: after merging {sorted(short)} into {merged_name!r}: "
-                + _deficient_message(still, required, "kfold" if required > 2 else "logo")
-            )
-        out.notes.append(
-            f"merged classes with fewer than {required} groups into {merged_name!r}: "
-            + ", ".join(f"{c} ({n})" for c, n in short.items())
-        )
-        return out
-    raise SplitError(f"unknown --rare-classes policy {policy!r}; choose error, merge or drop")
-
-
-# --------------------------------------------------------------------------- decoded images
-
-
 def phash64(image: np.ndarray) -> np.uint64:
     """64-bit DCT perceptual hash (``imagehash.phash``) of an RGB image, as an integer."""
     import imagehash
@@ -577,8 +518,8 @@ def prepare_images(records: Sequence[Record], pre, with_hashes: bool = False,
     """
     import torch
 
-    from .progress import track
-    from .transforms import prepare
+    from fetalscan.data.transforms import prepare
+    from fetalscan.progress import track
 
     h, w = pre.input_size
     out = torch.empty((len(records), pre.channels, h, w), dtype=torch.uint8)

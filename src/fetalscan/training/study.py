@@ -30,17 +30,31 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checkpoint import architecture_of, save_checkpoint
-from .data import Dataset, apply_rare_class_policy, prepare_images
-from .errors import FetalscanError, SplitError
-from .evaluate import metrics_from_frame
-from .fileio import check_out_dir, prepare_out_dir, provenance, write_csv, write_json
-from .models import get_backbone_spec, get_head, set_head
-from .predict import AGGREGATIONS, aggregate_groups, predictions_frame, softmax_with_temperature
-from .runtime import resolve_device, seed_everything
-from .splits import (
+from fetalscan.data.records import Dataset, prepare_images
+from fetalscan.errors import FetalscanError, SplitError
+from fetalscan.evaluation.metrics import metrics_from_frame
+from fetalscan.fileio import (
+    check_out_dir,
+    prepare_out_dir,
+    provenance,
+    write_csv,
+    write_json,
+)
+from fetalscan.inference.predict import (
+    AGGREGATIONS,
+    aggregate_groups,
+    compute_embeddings,
+    predict_logits,
+    predictions_frame,
+    softmax_with_temperature,
+)
+from fetalscan.models.checkpoint import architecture_of, save_checkpoint
+from fetalscan.models.registry import get_backbone_spec, get_head, set_head
+from fetalscan.runtime import resolve_device, seed_everything
+from fetalscan.splits import (
     PHASH_THRESHOLD,
     Fold,
+    apply_rare_class_policy,
     audit_folds,
     final_split,
     hamming_pairs,
@@ -49,18 +63,17 @@ from .splits import (
     min_groups_required,
     raise_if_failed,
 )
-from .train import (
+from fetalscan.training.loop import (
     FitResult,
     TrainConfig,
-    compute_embeddings,
     fit_finetune,
     fit_head,
     freeze_backbone,
     new_model,
-    predict_logits,
 )
 
 log = logging.getLogger(__name__)
+
 
 DISCLAIMER = (
     "fetalscan is research software that supports, and never replaces, the clinician's "
@@ -107,9 +120,6 @@ class FoldOutput:
     seconds: float
 
 
-# --------------------------------------------------------------------------- shared steps
-
-
 def _class_map(dataset: Dataset) -> dict[str, str]:
     return {r.label_original: r.label for r in dataset.records
             if r.label_original and r.label and r.label_original != r.label}
@@ -120,7 +130,7 @@ def _merge_duplicate_groups(dataset: Dataset, hashes: np.ndarray, threshold: int
     new_groups = merge_near_duplicate_groups(dataset.groups, pairs)
     records = [replace(r, group=g) for r, g in zip(dataset.records, new_groups)]
     merged = Dataset(records, dataset.classes, dataset.source, list(dataset.notes), dict(dataset.loading))
-    from .data import check_group_labels
+    from fetalscan.data.records import check_group_labels
 
     try:
         check_group_labels(records, dataset.source)
@@ -190,7 +200,7 @@ def cross_validate_folds(
     ``on_fold(fold, trained)`` receives each fold's trained head (cached mode) or
     model (fine-tuning) as soon as it exists, e.g. to save it; it is not kept.
     """
-    from .progress import track
+    from fetalscan.progress import track
 
     y = dataset.y
     n = len(dataset.classes)
@@ -220,7 +230,10 @@ def _fold_model_saver(out: Path, dataset: Dataset, cfg: TrainConfig, cv: CVConfi
     ``auto`` saves cached-mode folds always (one backbone + a small head per fold)
     and fine-tuned folds (a full checkpoint each) only for up to 10 folds.
     """
-    from .checkpoint import fold_checkpoint_path, save_cached_fold_models
+    from fetalscan.models.checkpoint import (
+        fold_checkpoint_path,
+        save_cached_fold_models,
+    )
 
     want = cv.save_fold_models == "yes" or (
         cv.save_fold_models == "auto" and (cfg.mode == "cached" or n_folds <= 10))
@@ -265,9 +278,6 @@ def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path,
     write_json(out / "audit.json", report.to_dict())
     raise_if_failed(report, str(out / "audit.json"))
     return dataset, images, folds, report.to_dict()
-
-
-# --------------------------------------------------------------------------- cv
 
 
 def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False,
@@ -325,7 +335,8 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, ov
     write_csv(out / "predictions.csv", preds)
     write_csv(out / "patients.csv", patients)
     write_json(out / "metrics.json", metrics)
-    from .evaluate import EvaluationConfig, evaluate_run
+    from fetalscan.evaluation.config import EvaluationConfig
+    from fetalscan.report.runs import evaluate_run
 
     return evaluate_run(out, eval_cfg or EvaluationConfig(seed=cfg.seed))
 
@@ -337,9 +348,6 @@ def _all_aggregations(preds: pd.DataFrame, classes: list[str], normal_class: str
             continue
         out[method] = metrics_from_frame(aggregate_groups(preds, classes, method, normal_class), classes)
     return out
-
-
-# --------------------------------------------------------------------------- final model
 
 
 def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False) -> dict:
@@ -369,7 +377,7 @@ def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path,
     assert get_head(model) is not None
     val_df = predictions_frame([dataset.records[i] for i in fold.inner_val], val_probs, dataset.classes)
     write_csv(out / "inner_val_predictions.csv", val_df)
-    from .evaluate import final_model_calibration
+    from fetalscan.evaluation.calibration_analysis import final_model_calibration
 
     calibration = final_model_calibration(val_df, dataset.classes, normal_class=cv.normal_class,
                                           aggregate=cv.aggregate)

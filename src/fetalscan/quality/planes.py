@@ -54,16 +54,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, FetalscanError
+from fetalscan.errors import DataError, FetalscanError
 
 log = logging.getLogger(__name__)
 
+
 #: (width, height) of the screen layout whose scanner frame is known.
 VOLUSON_E8_LAYOUT: tuple[int, int] = (975, 735)
+
+
 #: Crop box (x0, y0, x1, y1) of that layout, from the original SonoNet example code.
 VOLUSON_E8_CROP: tuple[int, int, int, int] = (81, 115, 874, 734)
+
+
 #: SonoNet planes that show the fetal brain (anomaly reads of the brain need one of them).
 BRAIN_PLANES: frozenset[str] = frozenset({"Brain (Tv.)", "Brain (Cb.)"})
+
+
 #: Planes of the fetal head (biometry is measured on the transventricular plane).
 HEAD_PLANES: frozenset[str] = BRAIN_PLANES
 
@@ -137,7 +144,7 @@ def load_plane_model(device=None):
     """SonoNet-16 with the bundled weights, in evaluation mode on ``device`` (cached per device)."""
     import torch
 
-    from .models.sononet import sononet16
+    from fetalscan.models.sononet import sononet16
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     key = str(dev)
@@ -179,9 +186,9 @@ def classify_planes(
     """
     import torch
 
-    from .models import get_backbone_spec
-    from .models.sononet import SONONET_PLANES
-    from .transforms import normalize, prepare
+    from fetalscan.data.transforms import normalize, prepare
+    from fetalscan.models.registry import get_backbone_spec
+    from fetalscan.models.sononet import SONONET_PLANES
 
     pre = get_backbone_spec("sononet16").preprocessing
     model = load_plane_model(device)
@@ -213,7 +220,7 @@ def classify_planes(
 
 def classify_files(paths: Sequence[str | Path], device=None, *, crop: str | Sequence[int] = "auto") -> list[PlaneResult]:
     """:func:`classify_planes` on image files read with :func:`fetalscan.data.read_image`."""
-    from .data import read_image
+    from fetalscan.data.records import read_image
 
     return classify_planes([read_image(Path(p)) for p in paths], device, crop=crop)
 
@@ -225,8 +232,8 @@ def classify_records(records: Sequence, device=None, *, crop: str | Sequence[int
     Images are decoded once each, in batches, so a large dataset never sits in
     memory whole. Results are in the order of ``records``.
     """
-    from .data import iter_record_images
-    from .progress import track
+    from fetalscan.data.records import iter_record_images
+    from fetalscan.progress import track
 
     results: list[PlaneResult | None] = [None] * len(records)
     index: list[int] = []
@@ -246,7 +253,3 @@ def classify_records(records: Sequence, device=None, *, crop: str | Sequence[int
     if batch:
         flush()
     return results  # type: ignore[return-value]
-
-
-__all__ = ["BRAIN_PLANES", "PlaneResult", "classify_files", "classify_planes", "classify_records", "crop_scanner_frame",
-           "is_brain_plane", "load_plane_model", "parse_crop"]

@@ -59,22 +59,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, FetalscanError
+from fetalscan.errors import DataError, FetalscanError
 
 log = logging.getLogger(__name__)
 
+
 SIZE = 256  # side of the square working image for the pixel statistics
+
+
 GRID = 8
+
+
 DARK_GRID = 4
+
+
 HIST_BINS = 32
+
+
 DARK = 10  # grey level at or below which a pixel is "near black"
+
+
 TOPHAT_KERNEL = 5
+
+
 TOPHAT_LEVEL = 60  # grey-level excess over the local background that marks a thin bright overlay
+
+
 CHROMA = 30  # max(R,G,B) - min(R,G,B) above which a pixel is "coloured"
+
+
 C_REGULARISATION = 0.1  # inverse L2 strength of the probe (fixed a priori, never tuned on the data)
-
-
-# --------------------------------------------------------------------------- features
 
 
 def feature_names(grid: int = GRID, hist_bins: int = HIST_BINS) -> list[str]:
@@ -157,9 +171,9 @@ def extract_features(df: pd.DataFrame) -> np.ndarray:
     file decoded once). A missing or unreadable file raises :class:`DataError`
     naming it.
     """
-    from .data import Record, iter_record_images
-    from .errors import ImageReadError
-    from .progress import track
+    from fetalscan.data.records import Record, iter_record_images
+    from fetalscan.errors import ImageReadError
+    from fetalscan.progress import track
 
     records = []
     for i, row in enumerate(df.itertuples(index=False)):
@@ -181,9 +195,6 @@ def extract_features(df: pd.DataFrame) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- probe
-
-
 def _fold_assignment(img: pd.DataFrame, folds: pd.DataFrame | None, seed: int) -> tuple[np.ndarray, str]:
     """Fold of each image: the run's own folds, or new grouped folds for external data."""
     if "fold" in img.columns and img["fold"].notna().all():
@@ -193,7 +204,7 @@ def _fold_assignment(img: pd.DataFrame, folds: pd.DataFrame | None, seed: int) -
         missing = sorted(set(img["group"].astype(str)) - set(fold_of))
         if not missing:
             return img["group"].astype(str).map(fold_of).to_numpy(dtype=int), "the run's folds (folds.csv)"
-    from .splits import groups_per_class, stratified_group_kfold
+    from fetalscan.splits import groups_per_class, stratified_group_kfold
 
     labels, groups = img["label"].astype(str).tolist(), img["group"].astype(str).tolist()
     per_class = groups_per_class(labels, groups)
@@ -297,8 +308,9 @@ def run_shortcut_check(img: pd.DataFrame, classes: Sequence[str], cfg, *, model_
     probe_predictions : DataFrame or None
         The probe's out-of-fold predictions in the ``predictions.csv`` layout.
     """
-    from .evaluate import auroc_with_ci, labelled_rows, metrics_with_ci
-    from .predict import aggregate_groups, prob_columns
+    from fetalscan.evaluation.bootstrap import auroc_with_ci, metrics_with_ci
+    from fetalscan.evaluation.metrics import labelled_rows
+    from fetalscan.inference.predict import aggregate_groups, prob_columns
 
     classes = list(classes)
     lab = labelled_rows(img).reset_index(drop=True)
@@ -390,7 +402,3 @@ def _message(warn: bool, comparisons: list[dict], normal_class: str) -> str:
         text += (f" In particular, on this dataset the separation of {normal_class} from abnormal images can come "
                  "from image source rather than anatomy.")
     return text
-
-
-__all__ = ["extract_features", "feature_names", "image_features", "out_of_fold_probabilities",
-           "run_shortcut_check", "top_features", "verdict"]

@@ -28,10 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import FetalscanError
-from .models import Preprocessing, build_head, create_model, embedding_dim, get_backbone_spec, set_head
-from .progress import track
-from .transforms import Augment, normalize
+from fetalscan.data.transforms import Augment, Preprocessing, normalize
+from fetalscan.errors import FetalscanError
+from fetalscan.inference.predict import _autocast, predict_logits
+from fetalscan.models.heads import build_classifier, cached_head
+from fetalscan.models.registry import (
+    build_head,
+    create_model,
+    embedding_dim,
+    get_backbone_spec,
+    set_head,
+)
+from fetalscan.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -92,30 +100,6 @@ class FitResult:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- pieces
-
-
-class FeatureScaler(nn.Module):
-    """Standardise pooled embeddings with the inner-training mean and std (buffers)."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.clone().float())
-        self.register_buffer("std", std.clone().float().clamp_min(1e-6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def cached_head(in_dim: int, num_classes: int, kind: str, hidden: int, drop: float) -> nn.Sequential:
-    """The head of a feature-caching model: ``FeatureScaler`` then linear / MLP."""
-    return nn.Sequential(
-        FeatureScaler(torch.zeros(in_dim), torch.ones(in_dim)),
-        nn.Dropout(drop),
-        build_head(in_dim, num_classes, kind, hidden, drop),
-    )
-
-
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     """Balanced weights ``n / (K * n_c)`` for classes present in ``y`` (1 for absent ones)."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -123,46 +107,6 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     w = np.ones(n_classes)
     w[present] = counts.sum() / (present.sum() * counts[present])
     return torch.tensor(w, dtype=torch.float32)
-
-
-def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module, images: torch.Tensor, pre: Preprocessing, device: torch.device,
-    batch_size: int = 32, amp: bool = True,
-) -> torch.Tensor:
-    """Logits of a prepared uint8 batch, computed in evaluation mode (float32 on CPU)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device), pre)
-        with _autocast(device, amp):
-            out.append(model(x).float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
-
-
-@torch.inference_mode()
-def compute_embeddings(
-    model: nn.Module, images: torch.Tensor, pre: Preprocessing, device: torch.device,
-    batch_size: int = 32, amp: bool = True, description: str = "embedding images",
-) -> torch.Tensor:
-    """Pooled backbone embeddings (``forward_head(pre_logits=True)``) of prepared images."""
-    model.eval()
-    out = []
-    starts = range(0, len(images), batch_size)
-    for start in track(starts, description, total=len(starts)):
-        x = normalize(images[start:start + batch_size].to(device), pre)
-        with _autocast(device, amp):
-            f = model.forward_head(model.forward_features(x), pre_logits=True)
-        out.append(f.float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
 
 
 def train_one_epoch(
@@ -192,9 +136,6 @@ def train_one_epoch(
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
-
-
-# --------------------------------------------------------------------------- fitting
 
 
 def fit_finetune(
@@ -276,12 +217,8 @@ def fit_head(
 
 def new_model(cfg: TrainConfig, n_classes: int) -> nn.Module:
     """A fresh model for ``cfg``: backbone + (cached head | plain head)."""
-    model = create_model(cfg.backbone, n_classes, cfg.pretrained, cfg.drop_rate)
-    if cfg.mode == "cached":
-        set_head(model, cached_head(embedding_dim(model), n_classes, cfg.head, cfg.head_hidden, cfg.drop_rate))
-    elif cfg.head == "mlp":
-        set_head(model, build_head(embedding_dim(model), n_classes, "mlp", cfg.head_hidden, cfg.drop_rate))
-    return model
+    return build_classifier(cfg.backbone, n_classes, mode=cfg.mode, head=cfg.head, head_hidden=cfg.head_hidden,
+                            drop_rate=cfg.drop_rate, pretrained=cfg.pretrained)
 
 
 def freeze_backbone(model: nn.Module) -> None:

@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageReadError
+from fetalscan.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
 
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg")
+
 
 # Containers whose frame count OpenCV only estimates (from duration x fps); their
 # frames are always counted by decoding. Other counts are checked at the end.
@@ -128,9 +130,6 @@ def read_video_frames(
         raise ImageReadError(f"{path}: frame {negative[0]} is out of range (negative index)")
     kept = _read_selected(path, set(wanted))
     return [kept[i] for i in wanted]
-
-
-# ------------------------------------------------------------------------- helpers
 
 
 @contextlib.contextmanager

@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import CheckpointError, FetalscanError
-from .fileio import write_bytes
-from .models import Preprocessing
+from fetalscan import __version__
+from fetalscan.data.transforms import Preprocessing
+from fetalscan.errors import CheckpointError, FetalscanError
+from fetalscan.fileio import write_bytes
 
 FORMAT = "fetalscan-classifier"
+
+
 FORMAT_VERSION = 1
 
 
@@ -149,21 +151,17 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def _model_from_blob(path: Path, blob: dict) -> tuple[nn.Module, list[str]]:
     """Build the (untrained) model that a checkpoint's ``architecture`` block describes."""
-    from .train import TrainConfig, new_model
+    from fetalscan.models.heads import build_classifier
 
     arch = blob["architecture"]
     classes = list(blob["classes"])
     try:
-        cfg = TrainConfig(
-            backbone=arch["backbone"], pretrained="none", mode=arch["mode"],
-            head=arch["head"], head_hidden=int(arch["head_hidden"]),
-            drop_rate=float(arch["drop_rate"]),
-        )
         if int(arch["num_classes"]) != len(classes):
             raise CheckpointError(
                 f"{path}: architecture says {arch['num_classes']} classes but the class list has {len(classes)}"
             )
-        return new_model(cfg, len(classes)), classes
+        return build_classifier(arch["backbone"], len(classes), mode=arch["mode"], head=arch["head"],
+                                head_hidden=int(arch["head_hidden"]), drop_rate=float(arch["drop_rate"])), classes
     except KeyError as exc:
         raise CheckpointError(f"{path}: architecture block lacks field {exc}") from None
     except CheckpointError:
@@ -201,10 +199,12 @@ def architecture_of(cfg, n_classes: int) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- fold models of a CV run
-
 FOLD_FORMAT = "fetalscan-fold-models"
+
+
 FOLD_DIR = "fold_models"
+
+
 CACHED_FOLDS_FILE = "cached_heads.pt"
 
 
@@ -214,7 +214,7 @@ def save_cached_fold_models(
 ) -> Path:
     """Save the fold models of a cached-mode CV run as one file: the frozen backbone
     once plus one small head per fold (``RUN/fold_models/cached_heads.pt``)."""
-    from .models import classifier_attr
+    from fetalscan.models.registry import classifier_attr
 
     head_name = classifier_attr(backbone) + "."
     return save_blob(
@@ -256,7 +256,7 @@ def load_fold_model(run_dir: str | Path, fold: int, device: str | torch.device =
         raise CheckpointError(f"{cached} has no head for fold {fold} (folds: {sorted(blob['heads'], key=int)})")
     state = dict(blob["backbone_state"])
     model, _ = _model_from_blob(cached, blob)
-    from .models import classifier_attr
+    from fetalscan.models.registry import classifier_attr
 
     head_name = classifier_attr(model)
     state.update({f"{head_name}.{k}": v for k, v in blob["heads"][str(fold)].items()})

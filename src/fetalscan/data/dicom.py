@@ -30,19 +30,33 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FetalscanError, ImageReadError
+from fetalscan.errors import FetalscanError, ImageReadError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+
 logger = logging.getLogger(__name__)
 
+
 _MAGIC_OFFSET = 128
+
+
 _MAGIC = b"DICM"
+
+
 _UNITS_CM = 3  # PhysicalUnitsXDirection 0x0003 = cm (PS3.3 C.8.5.5.1.15)
+
+
 _REGION_2D = 1  # RegionSpatialFormat 0x0001 = 2D tissue or flow (PS3.3 C.8.5.5.1.1)
+
+
 _YBR = ("YBR_FULL", "YBR_FULL_422")
+
+
 _MONO = ("MONOCHROME1", "MONOCHROME2")
+
+
 _INSTALL_HINT = (
     "install a decoder, e.g. `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
     "or `pip install python-gdcm`"
@@ -241,9 +255,6 @@ def pixel_spacing_mm(ds: Dataset) -> float | None:
     return None
 
 
-# --------------------------------------------------------------------- header helpers
-
-
 def _read_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     """``dcmread`` with every failure turned into :class:`ImageReadError`."""
     from pydicom import dcmread
@@ -353,9 +364,6 @@ def _check_indices(path: Path, indices: Sequence[int] | None, n_frames: int) -> 
             f"frame(s), valid indices are 0..{n_frames - 1}"
         )
     return wanted
-
-
-# ------------------------------------------------------------------- pixel helpers
 
 
 def _decode_frames(path: Path, ds: Dataset, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:

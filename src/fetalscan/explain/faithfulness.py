@@ -59,8 +59,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DataError, FetalscanError
-from .explain import METHODS, compute_cams, layer_for, parse_methods, resize_heatmap
+from fetalscan.errors import DataError, FetalscanError
+from fetalscan.explain.cams import (
+    METHODS,
+    compute_cams,
+    layer_for,
+    parse_methods,
+    resize_heatmap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +137,6 @@ class Unit:
     layer: str | None = None
 
 
-# --------------------------------------------------------------------------- deletion / insertion
-
-
 def baseline_images(x: torch.Tensor, kind: str = "blur", sigma: float = 0.04) -> torch.Tensor:
     """Baseline of prepared images (float, 0-255, (N, C, h, w)): Gaussian blur or the image mean."""
     if kind == "mean":
@@ -164,7 +167,7 @@ def _ranks(saliency: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _probs(model: nn.Module, batch: torch.Tensor, pre, targets: np.ndarray, temperature: float) -> np.ndarray:
-    from .transforms import normalize
+    from fetalscan.data.transforms import normalize
 
     with torch.inference_mode():
         logits = model(normalize(batch, pre)).float()
@@ -235,9 +238,6 @@ def curve_auc(curves: np.ndarray) -> np.ndarray:
     return (curves[:, 1:] + curves[:, :-1]).sum(1) * dx / 2.0
 
 
-# --------------------------------------------------------------------------- randomisation
-
-
 def spearman_similarity(a: np.ndarray, b: np.ndarray, stride: int = 4) -> float:
     """Spearman rank correlation of two maps (every ``stride``-th pixel); NaN if one is constant."""
     from scipy.stats import spearmanr
@@ -274,7 +274,7 @@ def randomisation_stages(model: nn.Module, layer: str) -> list[tuple[str, str, l
     ``all``. Modules are in registration order, which is forward order for the
     registered backbones. A model without a recognisable head starts at the layer.
     """
-    from .models.registry import classifier_attr
+    from fetalscan.models.registry import classifier_attr
 
     mods = [n for n, _ in _param_modules(model)]
     try:
@@ -310,9 +310,6 @@ def randomised_copy(model: nn.Module, names: Sequence[str], seed: int = 0) -> nn
                 for p in module.parameters(recurse=False):
                     nn.init.normal_(p, 0.0, 0.02)
     return clone.eval()
-
-
-# --------------------------------------------------------------------------- energy in the head
 
 
 def sample_head_masks(manifest: str | Path, n: int, seed: int = 0) -> list[tuple[Path, Path]]:
@@ -351,7 +348,7 @@ def sample_head_masks(manifest: str | Path, n: int, seed: int = 0) -> list[tuple
 
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A binary mask (non-zero = inside) that must match ``shape`` (H, W)."""
-    from .data import read_image
+    from fetalscan.data.records import read_image
 
     mask = read_image(path)[..., 0] > 127
     if mask.shape != tuple(shape):
@@ -375,9 +372,6 @@ def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> tuple[float, float,
     return float((heat * mask).sum() / total), area, peak
 
 
-# --------------------------------------------------------------------------- orchestration
-
-
 def _mean(v) -> float:
     v = np.asarray(v, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -386,7 +380,10 @@ def _mean(v) -> float:
 
 def _group_ci(values: np.ndarray, groups: Sequence, n_boot: int, seed: int) -> list[float]:
     """95% percentile interval of the mean, resampling groups (patients) with replacement."""
-    from .evaluate import group_bootstrap_weights, percentile_interval
+    from fetalscan.evaluation.bootstrap import (
+        group_bootstrap_weights,
+        percentile_interval,
+    )
 
     values = np.asarray(values, dtype=np.float64)
     keep = np.isfinite(values)
@@ -402,14 +399,14 @@ def _group_ci(values: np.ndarray, groups: Sequence, n_boot: int, seed: int) -> l
 
 
 def _prepared(unit: Unit):
-    from .data import prepare_images
+    from fetalscan.data.records import prepare_images
 
     x, _ = prepare_images(unit.records, unit.loaded.preprocessing, description="reading images")
     return x
 
 
 def _cams(model, x, pre, layer, method, targets, batch_size, device):
-    from .transforms import normalize
+    from fetalscan.data.transforms import normalize
 
     maps, feat, logits = [], (0, 0), []
     for s in range(0, len(x), batch_size):
@@ -442,7 +439,7 @@ def evaluate_faithfulness(units: Sequence[Unit], cfg: FaithfulnessConfig | None 
         "curves": {...}, "config": {...}, "notes": [...]}`` — the content of
         ``faithfulness.json``.
     """
-    from .explain import preserved_model_state
+    from fetalscan.explain.cams import preserved_model_state
 
     cfg = cfg or FaithfulnessConfig()
     cfg.validate()
@@ -522,8 +519,8 @@ def _evaluate_unit(u_index: int, unit: Unit, methods: list[str], cfg: Faithfulne
 def _energy_in_head(units: Sequence[Unit], methods: list[str], cfg: FaithfulnessConfig,
                     device: torch.device) -> dict | None:
     """Per method: energy inside the head mask, head area share and peak-in-head, per image."""
-    from .data import read_image
-    from .explain import ExplainConfig, explain_arrays
+    from fetalscan.data.records import read_image
+    from fetalscan.explain.cams import ExplainConfig, explain_arrays
 
     if not cfg.head_masks:
         return None
@@ -660,7 +657,7 @@ TABLE_COLUMNS = ["method", "n", "deletion AUC", "random del.", "insertion AUC", 
 
 def curves_figure(result: dict):
     """Mean deletion and insertion curves per method, with the random-map baseline."""
-    from .figures import new_figure
+    from fetalscan.figures import new_figure
 
     fig, _ = new_figure(9.0, 3.6)
     fig.clear()
@@ -676,11 +673,3 @@ def curves_figure(result: dict):
                ylim=(0, 1))
         ax.legend(fontsize=7)
     return fig
-
-
-__all__ = [
-    "FaithfulnessConfig", "TABLE_COLUMNS", "Unit", "baseline_images", "curve_auc", "curves_figure",
-    "energy_in_mask", "evaluate_faithfulness", "perturbation_curves", "random_saliency", "randomisation_stages",
-    "randomised_copy", "read_mask", "sample_head_masks", "spearman_similarity", "ssim", "table_rows",
-]
-

@@ -1,0 +1,119 @@
+"""TODO docstring for models.segmenters"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fetalscan.errors import CheckpointError, FetalscanError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+SEGMENTER_FORMAT = "fetalscan-segmenter"
+
+
+SEGMENTER_FORMAT_VERSION = 1
+
+
+@dataclass
+class SegmenterConfig:
+    """Architecture of the head segmenter (saved in its checkpoint).
+
+    A U-Net (Ronneberger et al. 2015) from ``segmentation_models_pytorch`` with a
+    light encoder, one grey input channel and one output (head logit), run at a
+    reduced input size (height, width multiples of 32). ``pretrained`` is
+    ``none`` (default, offline) or ``imagenet`` (downloaded by the library's own
+    loader into its cache; needs network once).
+    """
+
+    encoder: str = "mobilenet_v2"
+    decoder_channels: str = "64,32,24,16,16"
+    input_height: int = 128
+    input_width: int = 192
+    pretrained: str = "none"
+
+    def channels(self) -> tuple[int, ...]:
+        try:
+            ch = tuple(int(c) for c in str(self.decoder_channels).split(","))
+        except ValueError:
+            raise FetalscanError(f"--decoder-channels must be comma-separated integers, got {self.decoder_channels!r}") from None
+        if len(ch) != 5 or min(ch) < 1:
+            raise FetalscanError(f"--decoder-channels needs 5 positive integers, got {self.decoder_channels!r}")
+        return ch
+
+    def validate(self) -> None:
+        self.channels()
+        for name in ("input_height", "input_width"):
+            v = getattr(self, name)
+            if v < 32 or v % 32:
+                raise FetalscanError(f"--{name.replace('_', '-')} must be a positive multiple of 32, got {v}")
+        if self.pretrained not in ("none", "imagenet"):
+            raise FetalscanError(f"--pretrained must be 'none' or 'imagenet' for the segmenter, got {self.pretrained!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def preprocessing(self):
+        """Grey input at ``(input_height, input_width)``, per-image standardisation."""
+        from fetalscan.data.transforms import Preprocessing
+
+        return Preprocessing(input_size=(self.input_height, self.input_width), channels=1,
+                             normalization="per_image", mean=(0.0,), std=(1.0,), scale=1.0)
+
+
+def build_segmenter(cfg: SegmenterConfig):
+    """A fresh ``smp.Unet`` for ``cfg`` (ImageNet encoder weights only with ``pretrained='imagenet'``)."""
+    import segmentation_models_pytorch as smp
+
+    cfg.validate()
+    weights = "imagenet" if cfg.pretrained == "imagenet" else None
+    try:
+        return smp.Unet(cfg.encoder, encoder_weights=weights, in_channels=1, classes=1,
+                        decoder_channels=cfg.channels())
+    except KeyError as exc:
+        raise ModelError(f"unknown segmentation encoder {cfg.encoder!r} ({exc}); try mobilenet_v2, resnet18, "
+                         "resnet34 or efficientnet-b0") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        if weights:
+            raise ModelError(f"could not load ImageNet weights for encoder {cfg.encoder!r}: {exc}. "
+                             "Offline? Use --pretrained none.") from exc
+        raise ModelError(f"cannot build the segmenter {cfg}: {exc}") from exc
+
+
+def save_segmenter(path: str | Path, model, cfg: SegmenterConfig, *, calibration: dict,
+                   training: dict | None = None, data: dict | None = None,
+                   provenance: dict | None = None) -> Path:
+    """Write a segmenter checkpoint atomically (plain dict, ``weights_only`` loadable)."""
+    from fetalscan.models.checkpoint import cpu_state, save_blob
+
+    return save_blob(
+        path, SEGMENTER_FORMAT, format_version=SEGMENTER_FORMAT_VERSION,
+        task="fetal head segmentation -> ellipse -> HC/BPD/OFD",
+        architecture={"family": "smp.Unet", **cfg.to_dict()},
+        preprocessing=cfg.preprocessing().to_dict(),
+        calibration=dict(calibration),
+        training=training or {},
+        data=data or {},
+        provenance=provenance or {},
+        state_dict=cpu_state(model.state_dict()),
+    )
+
+
+def read_segmenter_checkpoint(path: str | Path) -> dict:
+    """Read and validate a segmenter checkpoint dict (format, version, fields)."""
+    from fetalscan.models.checkpoint import load_blob
+
+    return load_blob(path, SEGMENTER_FORMAT, "head-segmenter checkpoint", format_version=SEGMENTER_FORMAT_VERSION,
+                     required=("architecture", "calibration", "state_dict"))
+
+
+def config_from_architecture(arch: dict, where: str = "checkpoint") -> SegmenterConfig:
+    """Rebuild a :class:`SegmenterConfig` from a checkpoint's ``architecture`` block."""
+    try:
+        return SegmenterConfig(encoder=str(arch["encoder"]), decoder_channels=str(arch["decoder_channels"]),
+                               input_height=int(arch["input_height"]), input_width=int(arch["input_width"]),
+                               pretrained="none")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: architecture block is malformed ({exc!r}): {arch}") from None
