@@ -28,7 +28,7 @@ import torch
 from fetalscan.data.records import load_dataset, prepare_images
 from fetalscan.evaluation.metrics import metrics_from_frame
 from fetalscan.fileio import package_versions, write_json
-from fetalscan.inference.predict import aggregate_groups, predictions_frame
+from fetalscan.inference.tables import aggregate_groups, predictions_frame
 from fetalscan.models.registry import get_backbone_spec
 from fetalscan.splits import apply_rare_class_policy, make_folds
 from fetalscan.training.loop import TrainConfig

@@ -156,7 +156,7 @@ def test_cv_saves_fold_models_that_reproduce_the_out_of_fold_predictions(tmp_pat
     import torch
 
     from fetalscan.data.records import load_dataset
-    from fetalscan.inference.predict import predict_dataset
+    from fetalscan.inference.predict import predict_probabilities
     from fetalscan.models.checkpoint import load_fold_model
 
     m = toy_manifest(groups=5, per_group=2)
@@ -171,7 +171,7 @@ def test_cv_saves_fold_models_that_reproduce_the_out_of_fold_predictions(tmp_pat
         rows = preds[preds["fold"] == fold]
         loaded = load_fold_model(out, fold)
         sub = ds.subset([ds.records.index(by_path[p]) for p in rows["path"]])
-        probs = predict_dataset(loaded, sub, torch.device("cpu"))
+        probs = predict_probabilities(loaded, sub.records, torch.device("cpu"))[0]
         assert np.allclose(probs, rows[[f"p_{c}" for c in loaded.classes]].to_numpy(), atol=1e-5)
 
 

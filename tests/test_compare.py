@@ -19,7 +19,7 @@ from fetalscan.evaluation.compare import (
     delong_test,
     mcnemar_test,
 )
-from fetalscan.inference.predict import aggregate_groups
+from fetalscan.inference.tables import aggregate_groups
 
 CLASSES = ["cyst", "normal", "ventriculomegaly"]
 

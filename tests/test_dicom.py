@@ -29,7 +29,7 @@ from fetalscan.data.dicom import (
     read_dicom_frames,
     read_dicom_info,
 )
-from fetalscan.errors import ImageReadError
+from fetalscan.errors import FetalscanError, ImageReadError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HC18_IMAGE = SHARED_DATA / "hc18" / "images" / "000_HC.png"
@@ -394,9 +394,9 @@ def test_frame_indices_validates_every_nth():
     assert frame_indices(7, 3) == [0, 3, 6]
     assert frame_indices(1, 5) == [0]
     assert frame_indices(0) == []
-    with pytest.raises(ValueError, match="every_nth"):
+    with pytest.raises(FetalscanError, match="every_nth"):
         frame_indices(5, 0)
-    with pytest.raises(TypeError, match="every_nth"):
+    with pytest.raises(FetalscanError, match="every_nth"):
         frame_indices(5, 1.5)
 
 

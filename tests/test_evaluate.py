@@ -30,7 +30,7 @@ from fetalscan.evaluation.subgroups import (
     subgroup_analysis,
     subgroup_columns,
 )
-from fetalscan.inference.predict import aggregate_groups
+from fetalscan.inference.tables import aggregate_groups
 from fetalscan.report.runs import evaluate_run
 
 CLASSES = ["cyst", "normal", "ventriculomegaly"]

@@ -341,3 +341,16 @@ def test_cli_explain_run_without_folds_needs_the_model_and_says_what_it_cannot_k
     gallery = json.loads((pred / "explain" / "gallery.json").read_text())
     assert gallery and all(item["model"] == "the given model" for item in gallery)
     assert "cannot be told" in capsys.readouterr().err
+
+
+def test_head_masks_auto_finds_the_shared_hc18_manifest_first_under_fetalscan_shared(tmp_path, monkeypatch):
+    from fetalscan.data.shared import shared_data, shared_root
+
+    manifest = tmp_path / "data" / "hc18" / "manifest.csv"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("image,mask,exam\n")
+    monkeypatch.setenv("FETALSCAN_SHARED", str(tmp_path))
+    assert shared_root() == tmp_path
+    assert shared_data("hc18/manifest.csv") == manifest
+    assert shared_data("hc18") == manifest.parent
+    assert shared_data("no_such_data_set") is None

@@ -4,8 +4,6 @@ building blocks (curves, AUC, energy, stages, head-mask sampling) behave as docu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -194,20 +192,26 @@ def test_randomisation_cascades_from_the_head_and_never_touches_the_model():
 
 
 def test_head_mask_sampling_one_per_exam_and_clear_errors(tmp_path, shared_data):
+    from fetalscan.data.hc18 import BiometryItem, read_mask
+
     hc18 = shared_data / "hc18" / "manifest.csv"
-    pairs = sample_head_masks(hc18, 6, seed=1)
-    assert len(pairs) == 6
-    exams = [p.name.split("_")[0] for p, _ in pairs]
-    assert len(set(exams)) == 6
-    assert all(m.name.endswith("_mask.png") and m.is_file() for _, m in pairs)
+    items = sample_head_masks(hc18, 6, seed=1)
+    assert len(items) == 6
+    exams = [it.image.name.split("_")[0] for it in items]
+    assert len(set(exams)) == 6 and exams == [it.exam for it in items]
+    assert all(it.mask.name.endswith("_mask.png") and it.mask.is_file() for it in items)
     bad = write_manifest(tmp_path / "bad.csv", [{"image": "a.png", "label": "x"}])
-    with pytest.raises(DataError, match=r"missing column\(s\) \['mask'\]"):
+    with pytest.raises(DataError, match=r"missing column\(s\) mask"):
         sample_head_masks(bad, 3)
     missing = write_manifest(tmp_path / "m.csv", [{"image": "a.png", "mask": "b.png"}])
     with pytest.raises(DataError, match=r"m.csv, line 2, field 'image': file does not exist"):
         sample_head_masks(missing, 3)
-    from fetalscan.explain.faithfulness import read_mask
-
-    write_png(tmp_path / "small.png", np.zeros((5, 7), np.uint8))
-    with pytest.raises(DataError, match="is 7x5 but its image is 800x540"):
-        read_mask(Path(tmp_path / "small.png"), (540, 800))
+    # the exam column is optional: each image is then its own exam
+    write_png(tmp_path / "a.png", np.zeros((5, 7), np.uint8))
+    write_png(tmp_path / "b.png", np.zeros((5, 7), np.uint8))
+    (item,) = sample_head_masks(missing, 3)
+    assert item.exam == "a.png"
+    # the one mask reader (fetalscan.data.hc18.read_mask): a mask of another size than its image is an error
+    small = BiometryItem(tmp_path / "img.png", tmp_path / "b.png", "e", None, None, "img.png", 2)
+    with pytest.raises(DataError, match=r"has shape 7x5 \(W x H\) but its image .*img.png is 800x540"):
+        read_mask(small, (540, 800))

@@ -2,7 +2,7 @@
 
 Layer order, lowest first (a module may import only from its own unit or a lower layer):
 
- 0. base        errors, fileio, runtime, progress, figures
+ 0. base        errors, fileio, runtime, progress, figures, texts (the one disclaimer)
  1. data/       records, manifest and folder readers, DICOM, video, HC18 manifest, transforms
  2. splits      grouped folds, inner splits, leakage audit, rare-class policy
  3. models/     registry, SonoNet-16, heads, segmenters, checkpoint files
@@ -33,7 +33,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "fetalscan"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "fileio", "runtime", "progress", "figures"),
+    ("errors", "fileio", "runtime", "progress", "figures", "texts"),
     ("data",),
     ("splits",),
     ("models",),
@@ -128,7 +128,7 @@ def test_imports_only_go_down_the_layers():
 
 def test_no_module_outside_the_cli_imports_the_cli():
     bad = [f"{m} -> {t}" for m, ts in GRAPH.items() for t in ts
-           if unit_of(t) == "cli" and unit_of(m) != "cli"]
+           if unit_of(t) == "cli" and unit_of(m) not in ("cli", "__main__")]
     assert not bad, bad
 
 

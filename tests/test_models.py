@@ -58,7 +58,7 @@ def test_every_backbone_forward_backward_and_config(name: str) -> None:
 def test_unknown_backbone_and_wrong_source_are_clear_errors() -> None:
     with pytest.raises(ModelError, match="unknown backbone 'vgg99'.*choose one of"):
         create_model("vgg99", 2)
-    with pytest.raises(ModelError, match="--pretrained sononet is not available for 'resnet34'"):
+    with pytest.raises(ModelError, match="pretrained='sononet' is not available for 'resnet34'"):
         create_model("resnet34", 2, "sononet")
     with pytest.raises(ModelError, match="layer 'layer9' not found"):
         get_module(create_model("resnet34", 2), "layer9")
@@ -150,5 +150,5 @@ def test_pretrained_from_a_state_dict_file(tmp_path: Path) -> None:
     torch.save(donor.state_dict(), tmp_path / "donor.pt")
     model = create_model("sononet16", 2, str(tmp_path / "donor.pt"))  # other head size: head skipped
     assert torch.equal(model.adaption[0].weight, donor.adaption[0].weight)
-    with pytest.raises(ModelError, match="does not match this architecture"):
+    with pytest.raises(ModelError, match="do not match this architecture"):
         create_model("resnet34", 2, str(tmp_path / "donor.pt"))

@@ -11,10 +11,10 @@ import torch
 
 from fetalscan.data.records import load_dataset
 from fetalscan.errors import CheckpointError, FetalscanError
-from fetalscan.inference.predict import (
+from fetalscan.inference.predict import predict_probabilities
+from fetalscan.inference.tables import (
     aggregate_groups,
     classes_from_columns,
-    predict_dataset,
     predictions_frame,
 )
 from fetalscan.models.checkpoint import (
@@ -96,8 +96,8 @@ def test_checkpoint_round_trip_reproduces_predictions_exactly(saved_model) -> No
     path, model, ds = saved_model
     first = load_checkpoint(path)
     second = load_checkpoint(path)
-    p1 = predict_dataset(first, ds, torch.device("cpu"))
-    p2 = predict_dataset(second, ds, torch.device("cpu"))
+    p1 = predict_probabilities(first, ds.records, torch.device("cpu"))[0]
+    p2 = predict_probabilities(second, ds.records, torch.device("cpu"))[0]
     assert np.array_equal(p1, p2)
     assert first.classes == ds.classes and first.temperature == 1.7
     for k, v in model.state_dict().items():
@@ -108,7 +108,7 @@ def test_checkpoint_round_trip_reproduces_predictions_exactly(saved_model) -> No
 def test_predictions_frame_contract(saved_model) -> None:
     path, _, ds = saved_model
     loaded = load_checkpoint(path)
-    probs = predict_dataset(loaded, ds, torch.device("cpu"))
+    probs = predict_probabilities(loaded, ds.records, torch.device("cpu"))[0]
     df = predictions_frame(ds.records, probs, loaded.classes, fold=None)
     assert list(df.columns[:6]) == ["path", "frame", "group", "label", "fold", "pred"]
     assert classes_from_columns(df.columns) == loaded.classes

@@ -76,7 +76,7 @@ def test_crop_rule_depends_on_the_screen_layout():
     with pytest.raises(DataError, match="does not fit"):
         crop_scanner_frame(other, (0, 0, 900, 100))
     assert parse_crop("1,2,3,4") == (1, 2, 3, 4)
-    with pytest.raises(FetalscanError, match="--crop"):
+    with pytest.raises(FetalscanError, match="crop must be"):
         parse_crop("1,2,3")
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fetalscan.cli import main
 from fetalscan.evaluation.config import EvaluationConfig
-from fetalscan.inference.predict import aggregate_groups
+from fetalscan.inference.tables import aggregate_groups
 from fetalscan.report.html import SECTIONS, fmt, fmt_ci
 from fetalscan.report.runs import evaluate_run
 
@@ -212,7 +212,7 @@ def test_fetal_brain_report_warns_that_source_separates_normal_from_abnormal(fet
     probe, which never sees these probabilities, must find the source cue by itself.
     """
     from fetalscan.data.records import load_dataset
-    from fetalscan.inference.predict import predictions_frame
+    from fetalscan.inference.tables import predictions_frame
     from fetalscan.splits import apply_rare_class_policy, make_folds
 
     ds = apply_rare_class_policy(load_dataset(fetal_brain), 5, "merge")

@@ -17,7 +17,7 @@ from fetalscan.evaluation.shortcut import (
     run_shortcut_check,
     verdict,
 )
-from fetalscan.inference.predict import aggregate_groups
+from fetalscan.inference.tables import aggregate_groups
 
 CLASSES = ["abnormal", "normal"]
 

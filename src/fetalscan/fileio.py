@@ -1,4 +1,4 @@
-"""Safe output: atomic file writes, output-folder checks and provenance.
+"""Safe file handling: atomic writes, output-folder checks, reading torch files, provenance.
 
 Every file fetalscan writes goes to a temporary file in the same folder first and
 is then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so
@@ -109,10 +109,10 @@ def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder")
+        raise OutputError(f"output folder {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(
-            f"--out {out} is not empty; choose another folder or pass --overwrite "
+            f"output folder {out} is not empty; choose another folder or allow overwriting (--overwrite) "
             "to replace its files"
         )
     return out
@@ -163,3 +163,20 @@ def provenance(seed: int | None = None, data_hash: str | None = None, **extra: A
     }
     block.update(extra)
     return block
+
+
+def read_torch_file(path: str | Path, error: type[Exception], what: str) -> Any:
+    """Load a torch file safely (``weights_only=True``: tensors and plain containers, no code).
+
+    A missing or unreadable file raises ``error`` (a :class:`~fetalscan.errors.FetalscanError`
+    subclass chosen by the caller) naming the file and ``what`` it should have been.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise error(f"{path} is not a readable {what} (corrupt or not a torch file): {exc}") from exc

@@ -17,11 +17,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise FetalscanError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+        raise FetalscanError(f"device {spec}: CUDA is not available on this machine; use device 'cpu'")
     try:
         return torch.device(spec)
     except RuntimeError as exc:
-        raise FetalscanError(f"--device {spec!r} is not a valid device: {exc}") from None
+        raise FetalscanError(f"device {spec!r} is not a valid device: {exc}") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -93,10 +93,10 @@ def stratified_group_kfold(
     when a class has fewer groups than folds.
     """
     if n_splits < 2:
-        raise SplitError(f"--folds must be at least 2, got {n_splits}")
+        raise SplitError(f"folds must be at least 2, got {n_splits}")
     n_groups = len(set(groups))
     if n_groups < n_splits:
-        raise SplitError(f"--folds {n_splits} needs at least {n_splits} groups; the data has {n_groups}")
+        raise SplitError(f"folds {n_splits} needs at least {n_splits} groups; the data has {n_groups}")
     short = deficient_classes(labels, groups, n_splits)
     if short:
         raise SplitError(_deficient_message(short, n_splits, "kfold"))
@@ -132,8 +132,8 @@ def _deficient_message(short: dict[str, int], required: int, scheme: str) -> str
     what = f"{required}-fold stratified CV" if scheme == "kfold" else "leave-one-group-out CV"
     return (
         f"class with fewer groups than {what} needs ({required}): {listing}. "
-        "Use fewer --folds, --rare-classes merge (pool them into one class) or "
-        "--rare-classes drop (leave them out), or add data."
+        "Use fewer folds, rare_classes='merge' (pool them into one class) or "
+        "rare_classes='drop' (leave them out), or add data."
     )
 
 
@@ -155,7 +155,7 @@ def inner_split(
     empty, one group of the class with the most groups is moved there.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise SplitError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise SplitError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     train_idx = np.asarray(train_idx)
     lab = np.asarray(labels)[train_idx]
     grp = np.asarray(groups)[train_idx]
@@ -380,7 +380,7 @@ def raise_if_failed(report: AuditReport, where: str) -> None:
     more = f" (+{len(report.violations) - 3} more)" if len(report.violations) > 3 else ""
     raise LeakageError(
         f"leakage audit failed, training refused: {shown}{more}. Full audit: {where}. "
-        "Fix the groups in the manifest, or pass --near-duplicates merge to pool the "
+        "Fix the groups in the manifest, or set near_duplicates='merge' to pool the "
         "groups of near-duplicate images."
     )
 
@@ -408,7 +408,7 @@ def apply_rare_class_policy(dataset: Dataset, required: int, policy: str, merged
         return out
     if policy == "merge":
         if merged_name in dataset.classes and merged_name not in short:
-            raise SplitError(f"--rare-classes merge: a class named {merged_name!r} already exists")
+            raise SplitError(f"rare_classes='merge': a class named {merged_name!r} already exists")
         records = [
             replace(r, label=merged_name, label_original=r.label) if r.label in short else r
             for r in dataset.records
@@ -426,4 +426,4 @@ def apply_rare_class_policy(dataset: Dataset, required: int, policy: str, merged
             + ", ".join(f"{c} ({n})" for c, n in short.items())
         )
         return out
-    raise SplitError(f"unknown --rare-classes policy {policy!r}; choose error, merge or drop")
+    raise SplitError(f"unknown rare_classes policy {policy!r}; choose error, merge or drop")

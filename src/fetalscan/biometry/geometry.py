@@ -166,7 +166,7 @@ def ramanujan_perimeter(a: float, b: float) -> float:
     """
     a, b = float(a), float(b)
     if a < 0 or b < 0:
-        raise ValueError(f"semi-axes must be >= 0, got a={a}, b={b}")
+        raise DataError(f"ellipse semi-axes must be >= 0, got a={a}, b={b}")
     if a + b == 0:
         return 0.0
     h = ((a - b) / (a + b)) ** 2

@@ -1,4 +1,14 @@
-"""TODO docstring for biometry.scoring"""
+"""HC18-style scores of a head segmenter (van den Heuvel et al., PLoS ONE 2018).
+
+Per image (:func:`score_image`): Dice and Hausdorff distance between the filled
+fitted ellipse and the reference mask, the raw-segmentation Dice, and the
+signed / absolute HC difference in mm; :func:`summarise` turns them into means,
+SDs, exam-bootstrap intervals, Bland-Altman limits and a breakdown by head size.
+:func:`evaluate_checkpoint` scores a trained segmenter and returns
+:class:`BiometryScores`; the files of a scored run (``biometry_images.csv``,
+``biometry_metrics.json``, ``bland_altman.png``, ``report.html``) are written by
+:mod:`fetalscan.report.biometry`. Nothing here prints.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +28,7 @@ from fetalscan.biometry.geometry import (
 from fetalscan.biometry.segmenter import HeadSegmenter, upsample_logits
 from fetalscan.data.hc18 import BiometryItem, read_mask
 from fetalscan.errors import DataError, FetalscanError
+from fetalscan.texts import BIOMETRY_DISCLAIMER as DISCLAIMER
 
 log = logging.getLogger(__name__)
 
@@ -165,60 +177,47 @@ def _by_hc_band(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def bland_altman_figure(df: pd.DataFrame, title: str):
-    """Bland-Altman plot of predicted vs reference HC (difference against mean), as a Figure."""
-    from fetalscan.figures import new_figure
+@dataclass
+class BiometryScores:
+    """What scoring a segmenter produced: one row per image, the summary, and a title for the report."""
 
-    ok = np.isfinite(df["hc_pred_mm"]) & np.isfinite(df["hc_ref_mm"])
-    pred, ref = df.loc[ok, "hc_pred_mm"].to_numpy(float), df.loc[ok, "hc_ref_mm"].to_numpy(float)
-    fig, ax = new_figure(6.4, 4.2)
-    mean, diff = (pred + ref) / 2, pred - ref
-    ax.scatter(mean, diff, s=8, alpha=0.6, color="#1f77b4", linewidths=0)
-    if len(diff) > 1:
-        bias, sd = diff.mean(), diff.std(ddof=1)
-        for y, style, label in ((bias, "-", f"bias {bias:+.2f} mm"),
-                                (bias + 1.96 * sd, "--", f"+1.96 SD {bias + 1.96 * sd:+.2f} mm"),
-                                (bias - 1.96 * sd, "--", f"-1.96 SD {bias - 1.96 * sd:+.2f} mm")):
-            ax.axhline(y, color="#d62728", linestyle=style, linewidth=1, label=label)
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
-    ax.axhline(0, color="grey", linewidth=0.6)
-    ax.set_xlabel("mean of predicted and reference HC (mm)")
-    ax.set_ylabel("predicted - reference HC (mm)")
-    ax.set_title(title, fontsize=10)
-    return fig
+    per_image: pd.DataFrame  # rows of biometry_images.csv
+    metrics: dict  # content of biometry_metrics.json
+    title: str  # e.g. "Held-out exams"
+    folds: pd.DataFrame | None = None  # cross-validation: exam -> fold (folds.csv)
 
 
-def evaluate_checkpoint(model_path: str | Path, items: Sequence[BiometryItem], out: str | Path, *,
-                        split: str = "all", device: str = "auto", backend: str = "auto", overwrite: bool = False,
-                        n_boot: int = 1000, seed: int = 0, manifest: str | None = None) -> dict:
+def evaluate_checkpoint(model_path: str | Path, items: Sequence[BiometryItem], *, split: str = "all",
+                        device: str = "auto", backend: str = "auto", n_boot: int = 1000, seed: int = 0,
+                        manifest: str | None = None) -> BiometryScores:
     """Score a trained segmenter on a manifest, refusing images it was trained on.
 
     ``split="holdout"`` keeps only the exams the checkpoint's training held out;
     ``split="all"`` scores every row, but raises :class:`DataError` if any image
-    (by file content) was used to train or early-stop the model.
+    (by file content) was used to train or early-stop the model. Writes nothing
+    (:func:`fetalscan.report.biometry.evaluate_checkpoint_to_folder` writes the files).
     """
-    from fetalscan.fileio import check_out_dir, prepare_out_dir, provenance, sha256_file
+    from fetalscan.fileio import provenance, sha256_file
     from fetalscan.runtime import resolve_device
 
-    out = check_out_dir(out, overwrite)
+    if split not in ("all", "holdout"):
+        raise FetalscanError(f"split must be 'all' or 'holdout', got {split!r}")
     seg = HeadSegmenter.load(model_path, resolve_device(device), backend)
     data_block = seg.meta.get("data") or {}
     if split == "holdout":
         held = set(data_block.get("holdout_exams") or [])
         if not held:
-            raise DataError(f"{model_path} records no held-out exams (trained with --holdout-fraction 0); "
-                            "use --split all on data it has not seen")
+            raise DataError(f"{model_path} records no held-out exams (it was trained with a holdout fraction "
+                            "of 0); score it on all rows of data it has not seen instead")
         items = [it for it in items if it.exam in held]
         if not items:
             raise DataError(f"none of the manifest's exams is among the {len(held)} exams held out by {model_path}")
-    elif split != "all":
-        raise FetalscanError(f"--split must be 'all' or 'holdout', got {split!r}")
     trained = set(data_block.get("train_image_sha256") or [])
     seen = [it for it in items if sha256_file(it.image) in trained]
     if seen:
         raise DataError(f"{len(seen)} of the {len(items)} images were used to train or early-stop {model_path} "
-                        f"(e.g. {seen[0].name}); scoring them would be optimistic. Use --split holdout or data "
-                        "the model has not seen")
+                        f"(e.g. {seen[0].name}); scoring them would be optimistic. Score its held-out exams "
+                        "(split=\"holdout\") or data the model has not seen")
     t0 = time.perf_counter()
     per_image = evaluate_segmenter(seg, items)
     per_image.insert(2, "fold", "")
@@ -234,9 +233,7 @@ def evaluate_checkpoint(model_path: str | Path, items: Sequence[BiometryItem], o
         "seconds": time.perf_counter() - t0,
         "provenance": provenance(seed=seed, data_hash=manifest_hash(items), manifest=manifest),
     }
-    out = prepare_out_dir(out, overwrite)
-    write_outputs(out, per_image, metrics, "Held-out exams" if split == "holdout" else "Unseen images")
-    return metrics
+    return BiometryScores(per_image, metrics, "Held-out exams" if split == "holdout" else "Unseen images")
 
 
 METRIC_DEFINITIONS = {
@@ -266,40 +263,6 @@ LIMITATIONS = [
 ]
 
 
-def write_outputs(out: Path, per_image: pd.DataFrame, metrics: dict, title: str) -> None:
-    """``biometry_images.csv``, ``biometry_metrics.json``, ``bland_altman.png`` and ``report.html``."""
-    from fetalscan.figures import figure_data_uri, save_figure
-    from fetalscan.fileio import write_csv, write_json, write_text
-
-    write_csv(out / "biometry_images.csv", per_image)
-    write_json(out / "biometry_metrics.json", metrics)
-    fig = bland_altman_figure(per_image, f"Bland-Altman, {title}")
-    save_figure(fig, out / "bland_altman.png")
-    write_text(out / "report.html", render_report(metrics, per_image, title, figure_data_uri(fig)))
-
-
-def render_report(metrics: dict, per_image: pd.DataFrame, title: str, bland_altman_uri: str) -> str:
-    """The self-contained HTML report (``templates/biometry_report.html.j2``)."""
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.PackageLoader("fetalscan.report", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]))
-    worst = per_image.sort_values("hc_abs_diff_mm", ascending=False, na_position="first").head(10)
-    return env.get_template("biometry_report.html.j2").render(
-        title=title, m=metrics, bland_altman=bland_altman_uri,
-        worst=worst.to_dict("records"), fmt=_fmt)
-
-
-def _fmt(v, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-DISCLAIMER = ("fetalscan biometry is research software that supports, and never replaces, the "
-              "sonographer's and clinician's measurement; it is not a medical device.")
 
 
 HC18_REFERENCE = {

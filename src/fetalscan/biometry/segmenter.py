@@ -1,4 +1,9 @@
-"""TODO docstring for biometry.segmenter"""
+""":class:`HeadSegmenter`: a trained head segmenter ready to measure images, with an ONNX Runtime path.
+
+It resizes an ultrasound image to the network's input, predicts the head mask, upsamples
+the logits to the original size, fits the head ellipse and measures HC / BPD / OFD
+(:mod:`fetalscan.biometry.geometry`). ``backend="onnx"`` exports the network once and runs
+it with onnxruntime (faster on CPU; same outputs within float tolerance)."""
 
 from __future__ import annotations
 

@@ -56,12 +56,12 @@ from fetalscan.biometry.geometry import (
 from fetalscan.biometry.scoring import (
     DISCLAIMER,
     HC18_REFERENCE,
-    manifest_hash,
     LIMITATIONS,
     METRIC_DEFINITIONS,
+    BiometryScores,
     evaluate_segmenter,
+    manifest_hash,
     summarise,
-    write_outputs,
 )
 from fetalscan.biometry.segmenter import HeadSegmenter, upsample_logits
 from fetalscan.data.hc18 import BiometryItem, read_mask
@@ -451,20 +451,20 @@ def train_final(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, out: st
     return summary
 
 
-def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, out: str | Path, *,
-                   folds: int = 5, overwrite: bool = False, n_boot: int = 1000, manifest: str | None = None,
-                   save_models: bool = False) -> dict:
+def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, *, folds: int = 5,
+                   n_boot: int = 1000, manifest: str | None = None,
+                   models_dir: str | Path | None = None) -> BiometryScores:
     """Grouped k-fold CV by exam: one segmenter per fold, out-of-fold HC18-style scores.
 
-    Writes ``biometry_images.csv`` (one row per image, with its fold),
-    ``biometry_metrics.json``, ``folds.csv``, ``bland_altman.png`` and
-    ``report.html`` into ``out``.
+    Returns the per-image scores (one row per image, with its fold), the metrics
+    and the exam -> fold table. With ``models_dir`` each fold's model is saved
+    there as ``fold<k>_model.pt`` as soon as it is trained (the folder is
+    created); nothing else is written
+    (:func:`fetalscan.report.biometry.cross_validate_to_folder` writes the files).
     """
-    from fetalscan.fileio import check_out_dir, prepare_out_dir, write_csv
     from fetalscan.runtime import resolve_device, seed_everything
 
     cfg.validate()
-    out = check_out_dir(out, overwrite)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     fold_list, audit = make_exam_folds(items, folds, cfg.seed, cfg.val_fraction)
@@ -489,9 +489,9 @@ def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, out:
                           "test_dice_mean": float(df["dice"].mean()), "history": fit.history})
         log.info("fold %d: test HC |diff| %.2f mm, Dice %.4f", f.index, fold_rows[-1]["test_hc_abs_diff_mm_mean"],
                  fold_rows[-1]["test_dice_mean"])
-        if save_models:
-            prepare_out_dir(out, True)
-            save_segmenter(out / f"fold{f.index}_model.pt", model, seg_cfg, calibration=calibration,
+        if models_dir is not None:
+            Path(models_dir).mkdir(parents=True, exist_ok=True)
+            save_segmenter(Path(models_dir) / f"fold{f.index}_model.pt", model, seg_cfg, calibration=calibration,
                            training={"config": cfg.to_dict(), "fit": fit.to_dict()},
                            data={"holdout_exams": sorted({items[i].exam for i in f.test})})
         del model
@@ -511,8 +511,6 @@ def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, out:
         "seconds": time.perf_counter() - t0,
         "provenance": _provenance(cfg, items, manifest=manifest),
     }
-    out = prepare_out_dir(out, overwrite)
     folds_csv = pd.DataFrame([{"exam": items[i].exam, "fold": f.index} for f in fold_list for i in f.test])
-    write_csv(out / "folds.csv", folds_csv.drop_duplicates())
-    write_outputs(out, per_image, metrics, f"Grouped {len(fold_list)}-fold CV (out-of-fold)")
-    return metrics
+    return BiometryScores(per_image, metrics, f"Grouped {len(fold_list)}-fold CV (out-of-fold)",
+                          folds_csv.drop_duplicates())

@@ -20,8 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from fetalscan import __version__
-
-DISCLAIMER = "fetalscan supports, and never replaces, the clinician's reading."
+from fetalscan.texts import DISCLAIMER
 
 
 def build_parser() -> argparse.ArgumentParser:

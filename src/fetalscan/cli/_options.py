@@ -56,3 +56,27 @@ def evaluation_config(args: argparse.Namespace):
     from fetalscan.evaluation.config import EvaluationConfig
 
     return dataclass_from_args(EvaluationConfig, args)
+
+
+_PREDICT_HELP = {
+    "aggregate": "patient-level rule: mean, vote or max_abnormal",
+    "normal_class": "normal class (for max_abnormal)",
+    "batch_size": "inference batch size",
+    "plane_check": "name each image's standard plane with SonoNet-16 and flag images that are not a "
+                   "brain plane (transventricular / transcerebellar); flagged rows are kept",
+    "crop": "scanner-frame crop for --plane-check: auto, none or x0,y0,x1,y1 (docs/biometry.md)",
+}
+
+
+def add_predict_options(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~fetalscan.inference.predict.PredictConfig` field."""
+    from fetalscan.inference.predict import PredictConfig
+
+    add_dataclass_options(p, PredictConfig, _PREDICT_HELP, title="prediction")
+
+
+def predict_config(args: argparse.Namespace):
+    """The :class:`~fetalscan.inference.predict.PredictConfig` of parsed arguments."""
+    from fetalscan.inference.predict import PredictConfig
+
+    return dataclass_from_args(PredictConfig, args)

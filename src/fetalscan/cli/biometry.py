@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from fetalscan.cli._ui import (
+    add_dataclass_options,
     add_runtime_options,
+    dataclass_from_args,
     info_line,
     print_table,
     setup_progress,
@@ -38,6 +39,10 @@ _HELP = {
     "augment": "joint geometric (image + mask) and intensity augmentation",
     "rotate_deg": "maximum augmentation rotation in degrees",
     "val_fraction": "share of the training exams held out as the inner validation split",
+    "backend": "inference engine: auto (onnx on CPU, torch on CUDA), torch or onnx",
+    "every_nth": "keep every N-th frame of cine DICOM / video",
+    "plane_check": "also name the standard plane (SonoNet-16) and flag images that are not a brain plane "
+                   "(the measurement is still made and reported)",
 }
 _SKIP = {"seed", "device"}
 
@@ -48,27 +53,18 @@ ORDER = 40
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from fetalscan.biometry.training import BiometryTrainConfig
 
-    group = p.add_argument_group("training")
-    for f in dataclasses.fields(BiometryTrainConfig):
-        if f.name in _SKIP:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
-        else:
-            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
-                               help=f"{_HELP.get(f.name, '')} (default: {f.default})")
+    add_dataclass_options(p, BiometryTrainConfig, _HELP, title="training", skip=_SKIP)
 
 
 def _train_config(args: argparse.Namespace):
     from fetalscan.biometry.training import BiometryTrainConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BiometryTrainConfig) if hasattr(args, f.name)}
-    return BiometryTrainConfig(**values)
+    return dataclass_from_args(BiometryTrainConfig, args, seed=args.seed, device=args.device)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from fetalscan.biometry.predict import BiometryPredictConfig
+
     bio = sub.add_parser("biometry", help="fetal head biometry: segmentation -> ellipse -> HC/BPD/OFD -> GA",
                          description="Fetal head biometry on HC18-style data (image,mask,exam,pixel_size_mm,hc_mm). "
                          "Measurements support, and never replace, the sonographer's measurement.")
@@ -92,14 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="segmenter written by `fetalscan biometry train`")
     p.add_argument("--data", type=Path, required=True,
                    help="an image, DICOM, video, folder, or manifest (image/path column)")
-    p.add_argument("--pixel-size", type=float, default=None,
+    p.add_argument("--pixel-size", dest="pixel_size_mm", metavar="MM", type=float, default=None,
                    help="mm per pixel for every image (overrides nothing: manifest/DICOM values win)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
-                   help="inference engine (default: onnx on CPU, torch on CUDA)")
-    p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
-    p.add_argument("--plane-check", action="store_true",
-                   help="also name the standard plane (SonoNet-16) and flag images that are not a brain plane "
-                        "(the measurement is still made and reported)")
+    add_dataclass_options(p, BiometryPredictConfig, _HELP, title="measurement", skip={"pixel_size_mm"})
     add_runtime_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -157,7 +148,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     setup_progress(args)
     cfg = _train_config(args)
-    cfg.seed, cfg.device = args.seed, args.device
     items = load_biometry_manifest(args.data)
     s = train_final(items, cfg, args.out, holdout_fraction=args.holdout_fraction, overwrite=args.overwrite,
                     manifest=str(args.data))
@@ -171,97 +161,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pixel_size(record, default: float | None) -> float | None:
-    value = record.pixel_spacing_mm
-    if value is None:
-        raw = (record.extra or {}).get("pixel_size_mm", "")
-        value = float(raw) if raw not in ("", None) else None
-    return value if value is not None else default
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from fetalscan.biometry.geometry import save_overlay
-    from fetalscan.biometry.segmenter import HeadSegmenter
-    from fetalscan.data.records import iter_record_images, load_dataset
-    from fetalscan.fileio import prepare_out_dir, write_csv
-    from fetalscan.runtime import resolve_device
+    from fetalscan.biometry.predict import BiometryPredictConfig, predict_to_folder
 
     setup_progress(args)
-    device = resolve_device(args.device)
-    seg = HeadSegmenter.load(args.model, device, args.backend)
-    records = _prediction_records(args.data, args.every_nth, load_dataset)
-    out = prepare_out_dir(args.out, args.overwrite)
-    rows, missing_ps, off_plane = [], 0, 0
-    for i, image in iter_record_images(records):
-        r = records[i]
-        ps = _pixel_size(r, args.pixel_size)
-        missing_ps += ps is None
-        m = seg.measure(image, ps, where=r.image_id)
-        plane = {}
-        if args.plane_check:
-            from fetalscan.quality.planes import classify_planes
-
-            (pr,) = classify_planes([image], device)
-            plane = {"plane": pr.plane, "plane_confidence": pr.confidence, "brain_plane": pr.is_brain}
-            if not pr.is_brain:
-                off_plane += 1
-                m.warnings.append(f"{r.image_id}: SonoNet reads the plane as {pr.plane} ({pr.confidence:.2f}), "
-                                  "not a brain plane; HC is defined on the transventricular plane")
-        stem = Path(r.name).stem + (f"_frame{r.frame}" if r.frame is not None else "")
-        overlay = out / "overlays" / f"{i:05d}_{stem}.png"
-        save_overlay(overlay, image, m)
-        rows.append({"image": r.image_id, "path": str(r.path), "frame": r.frame, **m.to_row(), **plane,
-                     "overlay": str(overlay.relative_to(out))})
-        info_line(f"{r.image_id}: {m.summary()}" + (f" [plane: {plane['plane']} {plane['plane_confidence']:.2f}]"
-                                                     if plane else ""))
-    write_csv(out / "measurements.csv", pd.DataFrame(rows))
-    if off_plane:
-        warn_line(f"{off_plane} image(s) are not read as a brain plane by SonoNet-16; check their overlays "
-                  "(see the 'plane' column)")
-    if missing_ps:
-        warn_line(f"{missing_ps} image(s) without a pixel size: their HC/BPD/OFD are in pixels and no gestational "
-                  "age is given (pass --pixel-size or a pixel_size_mm manifest column)")
-    info_line(f"{len(rows)} image(s) -> {out}/measurements.csv and {out}/overlays/. "
+    cfg = dataclass_from_args(BiometryPredictConfig, args)
+    res = predict_to_folder(args.model, args.data, args.out, cfg, overwrite=args.overwrite, device=args.device)
+    for image in res.images:
+        info_line(f"{image.image_id}: {image.summary()}")
+    for warning in res.warnings:
+        warn_line(warning)
+    info_line(f"{len(res.images)} image(s) -> {res.out}/measurements.csv and {res.out}/overlays/. "
               "Measurements support, and never replace, the sonographer's.")
     return 0
 
 
-def _prediction_records(data: Path, every_nth: int, load_dataset):
-    """Records of an image / folder / DICOM / video / manifest; an HC18 manifest (image column) is accepted."""
-    import csv
-
-    from fetalscan.data.hc18 import load_biometry_manifest
-    from fetalscan.data.records import Record
-
-    if data.suffix.lower() == ".csv" and data.is_file():
-        with open(data, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), [])
-        if "image" in header and "path" not in header:
-            items = load_biometry_manifest(data, require_masks=False)
-            return [Record(it.image, None, it.exam, it.name, pixel_spacing_mm=it.pixel_size_mm,
-                           source_row=it.line) for it in items]
-    return load_dataset(data, require_labels=False, every_nth=every_nth).records
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fetalscan.biometry.scoring import evaluate_checkpoint
-    from fetalscan.biometry.training import cross_validate
     from fetalscan.data.hc18 import load_biometry_manifest
+    from fetalscan.report.biometry import (
+        cross_validate_to_folder,
+        evaluate_checkpoint_to_folder,
+    )
 
     setup_progress(args)
     items = load_biometry_manifest(args.data)
     if args.model is not None:
-        m = evaluate_checkpoint(args.model, items, args.out, split=args.split, device=args.device,
-                                backend=args.backend, overwrite=args.overwrite, n_boot=args.n_boot, seed=args.seed,
-                                manifest=str(args.data))
+        m = evaluate_checkpoint_to_folder(args.model, items, args.out, split=args.split, device=args.device,
+                                          backend=args.backend, overwrite=args.overwrite, n_boot=args.n_boot,
+                                          seed=args.seed, manifest=str(args.data))
         _print_metrics(m, f"{m['evaluation']}")
     else:
-        cfg = _train_config(args)
-        cfg.seed, cfg.device = args.seed, args.device
-        m = cross_validate(items, cfg, args.out, folds=args.folds, overwrite=args.overwrite, n_boot=args.n_boot,
-                           manifest=str(args.data), save_models=args.save_models)
+        m = cross_validate_to_folder(items, _train_config(args), args.out, folds=args.folds,
+                                     overwrite=args.overwrite, n_boot=args.n_boot, manifest=str(args.data),
+                                     save_models=args.save_models)
         _print_metrics(m, f"Grouped {args.folds}-fold cross-validation by exam (out-of-fold)")
     info_line(f"wrote {args.out}/ (biometry_metrics.json, biometry_images.csv, bland_altman.png, report.html)")
     return 0

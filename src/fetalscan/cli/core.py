@@ -8,8 +8,10 @@ from pathlib import Path
 from fetalscan.cli._options import (
     add_data_options,
     add_evaluation_options,
+    add_predict_options,
     evaluation_config,
     load_data,
+    predict_config,
 )
 from fetalscan.cli._ui import (
     add_dataclass_options,
@@ -94,14 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "trained model.pt (label left empty where unknown).")
     p.add_argument("--model", type=Path, required=True, help="checkpoint written by `fetalscan train`")
     add_data_options(p)
-    p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal")
-    p.add_argument("--normal-class", default="normal", help="normal class (for max_abnormal)")
-    p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
-    p.add_argument("--plane-check", action="store_true",
-                   help="name each image's standard plane with SonoNet-16 and flag images that are not a "
-                   "brain plane (transventricular / transcerebellar); flagged rows are kept")
-    p.add_argument("--crop", default="auto",
-                   help="scanner-frame crop for --plane-check: auto, none or x0,y0,x1,y1 (docs/biometry.md)")
+    add_predict_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -130,12 +125,11 @@ def _configs(args: argparse.Namespace):
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from fetalscan.training.study import run_cv
+    from fetalscan.api import run_study
 
     setup_progress(args)
-    dataset = load_data(args)
     cfg, cv = _configs(args)
-    metrics = run_cv(dataset, cfg, cv, args.out, overwrite=args.overwrite, eval_cfg=evaluation_config(args))
+    metrics = run_study(load_data(args), cfg, cv, evaluation_config(args), args.out, overwrite=args.overwrite)
     _print_summary(metrics)
     info_line(f"wrote {args.out}/ (report.html, metrics.json, predictions.csv, patients.csv, audit.json)")
     return 0
@@ -145,9 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fetalscan.training.study import run_train
 
     setup_progress(args)
-    dataset = load_data(args)
     cfg, cv = _configs(args)
-    summary = run_train(dataset, cfg, cv, args.out, overwrite=args.overwrite)
+    summary = run_train(load_data(args), cfg, cv, args.out, overwrite=args.overwrite)
     for note in summary["notes"]:
         warn_line(note)
     info_line(f"model: {summary['model']} (classes: {', '.join(summary['classes'])}; best epoch "
@@ -156,74 +149,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fetalscan.fileio import check_out_dir
-    from fetalscan.inference.predict import (
-        add_plane_columns,
-        labels_for_model,
-        predict_dataset,
-        predictions_frame,
-        write_prediction_files,
-    )
-    from fetalscan.models.checkpoint import load_checkpoint
-    from fetalscan.quality.planes import classify_records, parse_crop
+    from fetalscan.inference.predict import predict_to_folder
     from fetalscan.runtime import resolve_device
 
     setup_progress(args)
-    crop = parse_crop(args.crop)
-    device = resolve_device(args.device)
-    loaded = load_checkpoint(args.model, device)
-    dataset = load_data(args, require_labels=False)
-    dataset, unknown = labels_for_model(dataset, loaded.classes, loaded.class_map)
-    if unknown:
-        warn_line(f"label(s) {sorted(unknown)} are not classes of the model; left empty in 'label' "
-                  "(kept in 'label_original')")
-    out = check_out_dir(args.out, args.overwrite)
-    probs = predict_dataset(loaded, dataset, device, args.batch_size)
-    df = predictions_frame(dataset.records, probs, loaded.classes)
-    if args.plane_check:
-        df = add_plane_columns(df, classify_records(dataset.records, device, crop=crop))
-        off = df.loc[~df["brain_plane"]]
-        if len(off):
-            shown = ", ".join(f"{Path(p).name} ({pl}, {c:.2f})" for p, pl, c in
-                              off[["path", "plane", "plane_confidence"]].head(5).itertuples(index=False))
-            warn_line(f"{len(off)} of {len(df)} image(s) do not look like a brain plane (SonoNet-16): "
-                      f"{shown}{', ...' if len(off) > 5 else ''}; their predictions are kept and flagged "
-                      "in the 'brain_plane' column: read them with care.")
-    write_prediction_files(out, df, loaded.classes, args.aggregate, args.normal_class)
-    info_line(f"{len(df)} images, {df['group'].nunique()} groups -> {out}/predictions.csv, {out}/patients.csv")
+    pred = predict_to_folder(args.model, load_data(args, require_labels=False), args.out, predict_config(args),
+                             device=resolve_device(args.device), overwrite=args.overwrite)
+    for note in pred.notes:
+        warn_line(note)
+    info_line(f"{len(pred.images)} images, {len(pred.patients)} groups -> {args.out}/predictions.csv, "
+              f"{args.out}/patients.csv")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fetalscan.data.records import load_dataset
-    from fetalscan.training.loop import TrainConfig
-    from fetalscan.training.study import CVConfig, run_cv, run_train
+    from fetalscan.api import embedded_sample, run_demo
 
     setup_progress(args)
-    manifest = args.data or _embedded_manifest()
+    manifest = args.data or embedded_sample()
     info_line(f"fetalscan demo: 5-fold grouped CV + final model on {manifest}")
-    dataset = load_dataset(manifest)
-    cfg = TrainConfig(seed=args.seed, device=args.device)
-    cv = CVConfig()
-    metrics = run_cv(dataset, cfg, cv, args.out, overwrite=True)
+    metrics, _ = run_demo(args.out, manifest, seed=args.seed, device=args.device)
     _print_summary(metrics)
-    run_train(load_dataset(manifest), cfg, cv, args.out, overwrite=True)
     info_line(f"wrote {args.out}/: report.html, metrics.json, predictions.csv, patients.csv, audit.json, model.pt")
     info_line("Caveat: in this sample every normal comes from a different source than the anomalies, "
               "so normal-vs-abnormal separation may reflect image source, not anatomy (see README).")
     return 0
-
-
-def _embedded_manifest() -> Path:
-    from fetalscan.errors import DataError
-
-    here = Path(__file__).resolve()
-    for root in (here.parents[3], Path.cwd()):
-        cand = root / "examples" / "fetal_brain_sample" / "manifest.csv"
-        if cand.is_file():
-            return cand
-    raise DataError("the embedded sample examples/fetal_brain_sample/manifest.csv was not found; "
-                    "run from the repository root or pass --data")
 
 
 def _with_ci(block: dict, key: str) -> str:

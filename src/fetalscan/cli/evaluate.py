@@ -8,8 +8,10 @@ from pathlib import Path
 from fetalscan.cli._options import (
     add_data_options,
     add_evaluation_options,
+    add_predict_options,
     evaluation_config,
     load_data,
+    predict_config,
 )
 from fetalscan.cli._ui import (
     add_runtime_options,
@@ -36,9 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "threshold (chosen on its inner validation split) are used as stored.")
     p.add_argument("--model", type=Path, required=True, help="checkpoint written by `fetalscan train`")
     add_data_options(p)
-    p.add_argument("--aggregate", default="mean", help="patient-level rule: mean, vote or max_abnormal (default: mean)")
-    p.add_argument("--normal-class", default="normal", help="name of the normal class (default: normal)")
-    p.add_argument("--batch-size", type=int, default=32, help="inference batch size (default: 32)")
+    add_predict_options(p)
     p.add_argument("--description", default="", help="what the external set is (centre, device, period, how "
                    "labels were obtained); shown at the top of the report")
     add_evaluation_options(p)
@@ -86,9 +86,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg.validate()
     device = resolve_device(args.device)
     dataset = load_data(args, require_labels=False)
-    metrics = evaluate_external(args.model, dataset, args.out, cfg, device=device, aggregate=args.aggregate,
-                                normal_class=args.normal_class, batch_size=args.batch_size, overwrite=args.overwrite,
-                                description=args.description)
+    metrics = evaluate_external(args.model, dataset, args.out, cfg, predict_config=predict_config(args),
+                                device=device, overwrite=args.overwrite, description=args.description)
     print_summary(metrics)
     info_line(f"wrote {args.out}/ (predictions.csv, patients.csv, metrics.json, report.html)")
     return 0

@@ -16,7 +16,6 @@ energy in the fetal head), which ``fetalscan report`` shows.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from fetalscan.cli._ui import (
@@ -105,6 +104,7 @@ def _configs(args: argparse.Namespace):
 
 def _head_masks(value: str | None) -> str | None:
     """``auto`` -> the shared HC18 manifest when one is found, ``none`` -> None, else the path."""
+    from fetalscan.data.shared import shared_data
     from fetalscan.errors import DataError
 
     if value is None or value.lower() == "none":
@@ -113,13 +113,9 @@ def _head_masks(value: str | None) -> str | None:
         if not Path(value).is_file():
             raise DataError(f"--head-masks {value}: file not found")
         return value
-    roots = [Path(os.environ["FETALSCAN_SHARED"])] if os.environ.get("FETALSCAN_SHARED") else []
-    here = Path(__file__).resolve()
-    roots += [here.parents[3].parent / "shared", Path.cwd().parent / "shared", Path.cwd() / "shared"]
-    for root in roots:
-        cand = root / "data" / "hc18" / "manifest.csv"
-        if cand.is_file():
-            return str(cand)
+    found = shared_data("hc18/manifest.csv")
+    if found is not None and found.is_file():
+        return str(found)
     warn_line("--head-masks auto: no HC18 manifest found (../shared/data/hc18/manifest.csv); "
               "energy in head is not measured")
     return None
@@ -138,23 +134,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return _cmd_images(args)
 
 
-def _load_images(args: argparse.Namespace, loaded):
-    from fetalscan.data.records import Dataset, load_dataset
-    from fetalscan.inference.predict import labels_for_model
-
-    records = []
-    for path in args.images:
-        ds = load_dataset(path, require_labels=False, every_nth=args.every_nth)
-        records.extend(ds.records)
-    dataset, unknown = labels_for_model(Dataset(records, list(loaded.classes), "images"), loaded.classes,
-                                        loaded.class_map)
-    if unknown:
-        warn_line(f"label(s) {sorted(unknown)} are not classes of the model; shown as unknown")
-    return dataset.records
-
-
 def _cmd_images(args: argparse.Namespace) -> int:
-    from fetalscan.explain.cams import explain_to_folder
+    from fetalscan.explain.cams import explain_to_folder, image_records
+    from fetalscan.explain.faithfulness import faithfulness_to_folder
     from fetalscan.fileio import prepare_out_dir
     from fetalscan.models.checkpoint import load_checkpoint
     from fetalscan.runtime import resolve_device, seed_everything
@@ -166,42 +148,18 @@ def _cmd_images(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     loaded = load_checkpoint(args.model, device)
-    records = _load_images(args, loaded)
+    records, unknown = image_records(args.images, loaded, args.every_nth)
+    if unknown:
+        warn_line(f"label(s) {sorted(unknown)} are not classes of the model; shown as unknown")
     out = prepare_out_dir(args.out, args.overwrite)
     df = explain_to_folder(loaded, records, cfg, out, device)
     info_line(f"{len(df)} image(s) explained with {cfg.method} -> {out}/ "
               "(<name>_<method>_overlay.png, _panel.png, _heatmap.png, explanations.csv)")
     if args.faithfulness:
-        _images_faithfulness(loaded, records, cfg, fcfg, out, device)
+        _print_faithfulness(faithfulness_to_folder(loaded, records, cfg, fcfg, out, device))
+        info_line(f"wrote {out}/faithfulness.json and faithfulness_curves.png")
     info_line("Heatmaps show where the model's evidence lay; they support, and never replace, the clinician.")
     return 0
-
-
-def _images_faithfulness(loaded, records, cfg, fcfg, out: Path, device) -> None:
-    import pandas as pd
-
-    from fetalscan.explain.cams import DISCLAIMER
-    from fetalscan.explain.faithfulness import (
-        Unit,
-        curves_figure,
-        evaluate_faithfulness,
-    )
-    from fetalscan.explain.gallery import sample_rows
-    from fetalscan.figures import save_figure
-    from fetalscan.fileio import provenance, write_json
-
-    frame = pd.DataFrame({"group": [r.group for r in records]})
-    picked = [records[i] for i in sample_rows(frame, fcfg.n_images, fcfg.seed)]
-    result = evaluate_faithfulness([Unit(loaded, picked, "the given model", cfg.layer)], fcfg, device)
-    result["notes"].insert(0, "Images explained by the given model; if they were in its training data, "
-                              "the numbers describe the model on data it has seen.")
-    result["disclaimer"] = DISCLAIMER
-    result["provenance"] = provenance(fcfg.seed, device=str(device))
-    save_figure(curves_figure(result), out / "faithfulness_curves.png")
-    result["figures"] = {"curves": "faithfulness_curves.png"}
-    write_json(out / "faithfulness.json", result)
-    _print_faithfulness(result)
-    info_line(f"wrote {out}/faithfulness.json and faithfulness_curves.png")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

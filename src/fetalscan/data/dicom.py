@@ -138,11 +138,11 @@ def frame_indices(n_frames: int, every_nth: int = 1) -> list[int]:
     [0, 3, 6]
     """
     if isinstance(every_nth, bool) or not isinstance(every_nth, (int, np.integer)):
-        raise TypeError(f"every_nth must be an integer >= 1, got {every_nth!r}")
+        raise FetalscanError(f"every_nth must be an integer >= 1, got {every_nth!r}")
     if every_nth < 1:
-        raise ValueError(f"every_nth must be >= 1 (1 keeps every frame), got {every_nth}")
+        raise FetalscanError(f"every_nth must be >= 1 (1 keeps every frame), got {every_nth}")
     if n_frames < 0:
-        raise ValueError(f"n_frames must be >= 0, got {n_frames}")
+        raise FetalscanError(f"n_frames must be >= 0, got {n_frames}")
     return list(range(0, int(n_frames), int(every_nth)))
 
 

@@ -1,4 +1,13 @@
-"""TODO docstring for data.hc18"""
+"""HC18-style biometry manifests: the one reader and the one mask reader.
+
+A biometry manifest has the columns ``image,mask,exam,pixel_size_mm,hc_mm``
+(the shared HC18 layout; ``path`` is accepted for ``image``, ``group`` for
+``exam`` and ``pixel_spacing_mm`` for ``pixel_size_mm``), paths relative to the
+CSV. :func:`load_biometry_manifest` reads and validates it for biometry
+training / evaluation / prediction and for the energy-in-head check of the
+heatmap faithfulness; :func:`read_mask` reads a reference mask with the one
+threshold of :func:`as_binary_mask` (non-zero = head for 8-bit masks).
+"""
 
 from __future__ import annotations
 
@@ -39,19 +48,22 @@ def _column(columns: Sequence[str], key: str) -> str | None:
     return next((c for c in _ALIASES[key] if c in columns), None)
 
 
-def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True) -> list[BiometryItem]:
+def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True,
+                           require_exam: bool = True) -> list[BiometryItem]:
     """Read and validate a biometry manifest (paths relative to the CSV).
 
     Raises :class:`DataError` naming the file, line and field for a missing
     column, an empty or non-existent image / mask, an empty exam, or a
     non-numeric / non-positive pixel size or HC. An empty ``pixel_size_mm`` is
-    allowed (that image is then measured in pixels).
+    allowed (that image is then measured in pixels). With ``require_exam=False``
+    a missing ``exam`` column or an empty exam cell makes each image its own exam
+    (its name as written in the manifest).
     """
     from fetalscan.data.records import read_csv_table
 
     csv_path = Path(csv_path)
     columns, rows = read_csv_table(csv_path)
-    required = ["image", "exam"] + (["mask"] if require_masks else [])
+    required = ["image"] + (["exam"] if require_exam else []) + (["mask"] if require_masks else [])
     names = {k: _column(columns, k) for k in _ALIASES}
     missing = [k for k in required if names[k] is None]
     if missing:
@@ -79,6 +91,8 @@ def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True) -> 
         image = path_of("image")
         mask = path_of("mask", optional=not require_masks)
         exam = row.get(names["exam"] or "", "")
+        if not exam and not require_exam:
+            exam = row[names["image"]]  # type: ignore[index]
         if not exam:
             raise DataError(f"{csv_path}, line {line}, field {names['exam']!r}: empty (the exam groups images "
                             "that must stay on one side of a split)")

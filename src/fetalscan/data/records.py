@@ -392,7 +392,7 @@ def _media_files(folder: Path) -> list[Path]:
 def _group_from_regex(regex: re.Pattern[str], rel: str, path: Path) -> str:
     m = regex.search(rel)
     if not m:
-        raise DataError(f"--group-regex {regex.pattern!r} does not match {rel} ({path})")
+        raise DataError(f"group_regex {regex.pattern!r} does not match {rel} ({path})")
     return m.group(1) if m.groups() else m.group(0)
 
 
@@ -440,7 +440,7 @@ def _compile_regex(pattern: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise DataError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
+        raise DataError(f"group_regex {pattern!r} is not a valid regular expression: {exc}") from None
 
 
 def load_dataset(
@@ -470,7 +470,7 @@ def load_dataset(
     """
     path = Path(path).resolve()
     if every_nth < 1:
-        raise DataError(f"--every-nth must be >= 1, got {every_nth}")
+        raise DataError(f"every_nth must be >= 1, got {every_nth}")
     if not path.exists():
         raise DataError(f"data not found: {path}")
     if path.is_file() and path.suffix.lower() == ".csv":

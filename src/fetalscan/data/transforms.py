@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fetalscan.errors import CheckpointError
+from fetalscan.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def prepare(image: np.ndarray, pre: Preprocessing) -> torch.Tensor:
     """Resize an RGB uint8 image to ``pre.input_size`` and set its channels; uint8 (C, h, w)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
+        raise DataError(f"expected an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float()[None]
     h, w = pre.input_size
     if x.shape[-2:] != (h, w):
@@ -57,7 +57,8 @@ def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
         mu = flat.mean(1).view(-1, 1, 1, 1)
         sd = flat.std(1, unbiased=False).view(-1, 1, 1, 1).clamp_min(1e-6)
         return pre.scale * (x - mu) / sd
-    raise ValueError(f"unknown normalization {pre.normalization!r}")
+    raise CheckpointError(f"unknown normalization {pre.normalization!r} in the preprocessing block; "
+                          "expected one this fetalscan version writes")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,13 @@
-"""TODO docstring for evaluation.bootstrap"""
+"""Confidence intervals that respect patients: the group (cluster) bootstrap.
+
+Images of one patient are correlated, so every interval here resamples *groups*
+(patients), never images (Field & Welsh, "Bootstrapping clustered data", JRSS-B 2007).
+Each replicate is a vector of group weights (:func:`group_bootstrap_weights`), and the
+metrics are computed as weighted statistics in one vectorised pass: weighted AUROC
+(Mann-Whitney with ties counted 1/2) and average precision, accuracy, balanced accuracy,
+per-class sensitivity, specificity, PPV, NPV and F1. Intervals are percentile intervals;
+a metric undefined in a replicate (e.g. no positives drawn) is left out of that replicate
+and the number of defined replicates is reported."""
 
 from __future__ import annotations
 
@@ -16,9 +25,7 @@ from fetalscan.evaluation.metrics import (
     metrics_from_frame,
     wilson_interval,
 )
-from fetalscan.inference.predict import (
-    prob_columns,
-)
+from fetalscan.inference.tables import prob_columns
 
 log = logging.getLogger(__name__)
 

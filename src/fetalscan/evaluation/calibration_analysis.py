@@ -1,4 +1,10 @@
-"""TODO docstring for evaluation.calibration_analysis"""
+"""Calibration of a run: reliability, ECE / MCE / Brier / NLL, and temperature scaling.
+
+The temperature (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017) is
+fitted on each fold's *inner validation* predictions and applied to that fold's test
+predictions, so no test label is used; the report shows the calibration before and after,
+at image and patient level. :func:`final_model_calibration` fits the temperature and the
+screening thresholds that a final model stores, on its inner validation split only."""
 
 from __future__ import annotations
 
@@ -17,10 +23,7 @@ from fetalscan.evaluation.bootstrap import (
 from fetalscan.evaluation.config import EvaluationConfig
 from fetalscan.evaluation.metrics import _class_index, labelled_rows
 from fetalscan.evaluation.screening import screening_threshold
-from fetalscan.inference.predict import (
-    aggregate_groups,
-    prob_columns,
-)
+from fetalscan.inference.tables import aggregate_groups, prob_columns
 
 log = logging.getLogger(__name__)
 

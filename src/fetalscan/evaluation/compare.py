@@ -218,7 +218,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, level: str = "patient"
     )
 
     if level not in LEVELS:
-        raise FetalscanError(f"--level must be one of {LEVELS}, got {level!r}")
+        raise FetalscanError(f"level must be one of {LEVELS}, got {level!r}")
     a, b = Path(run_a), Path(run_b)
     fa, ca, ma = _run_frame(a, level)
     fb, cb, mb = _run_frame(b, level)

@@ -29,15 +29,15 @@ class EvaluationConfig:
 
     def validate(self) -> None:
         if self.n_boot < 1:
-            raise FetalscanError(f"--n-boot must be at least 1, got {self.n_boot}")
+            raise FetalscanError(f"n_boot must be at least 1, got {self.n_boot}")
         if not 0.5 < self.confidence < 1.0:
-            raise FetalscanError(f"--confidence must be between 0.5 and 1, got {self.confidence}")
+            raise FetalscanError(f"confidence must be between 0.5 and 1, got {self.confidence}")
         if not 0.0 < self.target_sensitivity <= 1.0:
-            raise FetalscanError(f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}")
+            raise FetalscanError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
         if self.n_bins < 2:
-            raise FetalscanError(f"--n-bins must be at least 2, got {self.n_bins}")
+            raise FetalscanError(f"n_bins must be at least 2, got {self.n_bins}")
         if self.small_subgroup < 1:
-            raise FetalscanError(f"--small-subgroup must be at least 1, got {self.small_subgroup}")
+            raise FetalscanError(f"small_subgroup must be at least 1, got {self.small_subgroup}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -50,19 +50,16 @@ import pandas as pd
 
 from fetalscan.errors import DataError
 from fetalscan.evaluation.bootstrap import metrics_with_ci
-from fetalscan.evaluation.config import EvaluationConfig
 from fetalscan.evaluation.calibration_analysis import calibration_analysis
+from fetalscan.evaluation.config import EvaluationConfig
 from fetalscan.evaluation.metrics import labelled_rows
 from fetalscan.evaluation.runs import RunData
 from fetalscan.evaluation.screening import screening_analysis
 from fetalscan.evaluation.subgroups import (
-
     subgroup_analysis,
     subgroup_columns,
 )
-from fetalscan.inference.predict import (
-    aggregate_groups,
-)
+from fetalscan.inference.tables import aggregate_groups
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,11 @@
-"""TODO docstring for evaluation.metrics"""
+"""Point estimates of classification metrics, and Wilson intervals for proportions.
+
+Per class (one-vs-rest): sensitivity, specificity, PPV, NPV, F1, AUROC and average
+precision; overall: accuracy, balanced accuracy, macro / micro AUROC and macro AP, and
+the confusion matrix. Edge cases are stated, not hidden: a class without positives (or
+without negatives) has sensitivity (or specificity) and AUROC undefined (NaN), and the
+macro averages are over the classes where the metric is defined. The Wilson score
+interval (Wilson, JASA 1927) is used for proportions where a bootstrap is not needed."""
 
 from __future__ import annotations
 
@@ -10,10 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fetalscan.errors import DataError
-from fetalscan.inference.predict import (
-    classes_from_columns,
-    prob_columns,
-)
+from fetalscan.inference.tables import classes_from_columns, prob_columns
 
 log = logging.getLogger(__name__)
 

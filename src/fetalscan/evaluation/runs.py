@@ -1,4 +1,7 @@
-"""TODO docstring for evaluation.runs"""
+"""Reading a run folder back: ``predictions.csv``, ``patients.csv``, ``inner_val_predictions.csv``,
+``folds.csv`` and ``metrics.json``, validated, with the class order recovered from the
+``p_<class>`` columns. Every later stage (evaluation, report, compare, explain) reads runs
+through :func:`load_run`, so a malformed file fails once, naming the file and the column."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from fetalscan.errors import DataError
-from fetalscan.inference.predict import (
+from fetalscan.inference.tables import (
     AGGREGATIONS,
     aggregate_groups,
     classes_from_columns,

@@ -1,4 +1,10 @@
-"""TODO docstring for evaluation.screening"""
+"""The screening view: any anomaly vs normal at an operating point chosen without test data.
+
+The score is ``1 - p(normal)``. The threshold is the highest one that reaches the target
+sensitivity (default 0.95) on the inner-validation predictions (or the one a final model
+stored), then applied unchanged to the test predictions; sensitivity and specificity are
+reported with group-bootstrap intervals, at image and patient level. When no validation
+predictions exist, 0.5 is used and the report says so."""
 
 from __future__ import annotations
 
@@ -12,9 +18,7 @@ import pandas as pd
 from fetalscan.evaluation.bootstrap import auroc_with_ci, binary_metrics
 from fetalscan.evaluation.config import EvaluationConfig
 from fetalscan.evaluation.metrics import labelled_rows
-from fetalscan.inference.predict import (
-    aggregate_groups,
-)
+from fetalscan.inference.tables import aggregate_groups
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,7 @@ def screening_analysis(test_img: pd.DataFrame, test_pat: pd.DataFrame, inner_img
     if normal_class not in classes:
         return {"available": False,
                 "note": f"no class named {normal_class!r} among {classes}; the screening view needs one "
-                        "(set --normal-class)"}
+                        "(set normal_class)"}
     col = f"p_{normal_class}"
     inner_pat = None
     if inner_img is not None and len(inner_img):

@@ -310,7 +310,7 @@ def run_shortcut_check(img: pd.DataFrame, classes: Sequence[str], cfg, *, model_
     """
     from fetalscan.evaluation.bootstrap import auroc_with_ci, metrics_with_ci
     from fetalscan.evaluation.metrics import labelled_rows
-    from fetalscan.inference.predict import aggregate_groups, prob_columns
+    from fetalscan.inference.tables import aggregate_groups, prob_columns
 
     classes = list(classes)
     lab = labelled_rows(img).reset_index(drop=True)

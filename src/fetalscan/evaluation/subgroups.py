@@ -1,4 +1,10 @@
-"""TODO docstring for evaluation.subgroups"""
+"""Results by subgroup (gestational-age band, centre, device, view, original label).
+
+For each metadata column: patient-level accuracy with Wilson intervals and, where both
+classes occur, AUROC with a group-bootstrap interval per subgroup; small subgroups are
+flagged (never hidden); a permutation test of heterogeneity asks whether accuracy differs
+between subgroups more than chance would make it. Gestational age is binned as
+< 14, 14-< 20, 20-< 28 and >= 28 weeks."""
 
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ def subgroup_columns(img: pd.DataFrame, requested: str = "auto", class_map: dict
         cols = [c.strip() for c in requested.split(",") if c.strip()]
         missing = [c for c in cols if c not in img.columns]
         if missing:
-            raise DataError(f"--subgroups: column(s) {missing} are not in predictions.csv "
+            raise DataError(f"subgroups: column(s) {missing} are not in predictions.csv "
                             f"(available: {[c for c in img.columns if not c.startswith('p_')]})")
         return cols
     n_groups = img["group"].nunique()

@@ -5,7 +5,7 @@ one model. fetalscan computes it with the ``pytorch-grad-cam`` library on the
 model's Grad-CAM layer (chosen per backbone from the registry), resizes it back
 to the *original* image (the network input is a plain resize of the whole
 picture, so a plain resize back is exact geometry), and overlays it in colour.
-How far such maps can be trusted is measured in :mod:`fetalscan.faithfulness`.
+How far such maps can be trusted is measured in :mod:`fetalscan.explain.faithfulness`.
 
 Methods
 -------
@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from fetalscan.errors import DataError, FetalscanError, ModelError
+from fetalscan.texts import HEATMAP_DISCLAIMER as DISCLAIMER
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ METHODS: dict[str, str] = {
 }
 
 
-DISCLAIMER = ("Heatmaps show where the model's evidence lay, not where the anomaly is; they "
-              "support, and never replace, the clinician's reading.")
 
 
 @dataclass
@@ -595,6 +594,24 @@ def write_image_outputs(out: Path, stem: str, image: np.ndarray, exp: Explanatio
     fig = panel_figure(image, over, title, subtitle, cfg.colormap)
     paths["panel"] = save_figure(fig, out / f"{stem}_{tag}_panel.png", dpi=100)
     return paths
+
+
+def image_records(paths: Sequence[str | Path], loaded, every_nth: int = 1) -> tuple[list, set[str]]:
+    """Records of images, folders, manifests, DICOM or video files, labels mapped into the model's classes.
+
+    Returns ``(records, unknown)``: ``unknown`` holds the labels that are not
+    classes of ``loaded`` (through its ``class_map``); those records keep their
+    label only in ``label_original`` and are explained without one.
+    """
+    from fetalscan.data.records import Dataset, load_dataset
+    from fetalscan.inference.predict import labels_for_model
+
+    records = []
+    for path in paths:
+        records.extend(load_dataset(Path(path), require_labels=False, every_nth=every_nth).records)
+    dataset, unknown = labels_for_model(Dataset(records, list(loaded.classes), "images"), loaded.classes,
+                                        loaded.class_map)
+    return dataset.records, unknown
 
 
 def explain_to_folder(loaded, records: Sequence, cfg: ExplainConfig, out: Path,

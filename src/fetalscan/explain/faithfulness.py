@@ -43,17 +43,17 @@ Energy in the fetal head
     tests the maps off their home distribution.
 
 Confidence intervals resample *groups* (patients) with replacement, as every
-other metric in fetalscan does (:func:`fetalscan.evaluate.group_bootstrap_weights`).
+other metric in fetalscan does (:func:`fetalscan.evaluation.bootstrap.group_bootstrap_weights`).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ from fetalscan.explain.cams import (
     parse_methods,
     resize_heatmap,
 )
+
+if TYPE_CHECKING:
+    from fetalscan.data.hc18 import BiometryItem
 
 log = logging.getLogger(__name__)
 
@@ -312,48 +315,46 @@ def randomised_copy(model: nn.Module, names: Sequence[str], seed: int = 0) -> nn
     return clone.eval()
 
 
-def sample_head_masks(manifest: str | Path, n: int, seed: int = 0) -> list[tuple[Path, Path]]:
-    """``n`` (image, mask) pairs from an HC18-style manifest (``image,mask[,exam]``), one per exam first."""
+def sample_rows(preds, n: int, seed: int = 0) -> list:
+    """Up to ``n`` row labels of ``preds``: one random image from each of a random order of
+    groups first (so images are as independent as the data allow), then more per group."""
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list] = {}
+    for row, g in zip(preds.index, preds["group"].astype(str)):
+        by_group.setdefault(g, []).append(row)
+    groups = sorted(by_group)
+    rng.shuffle(groups)
+    queues = [list(rng.permutation(by_group[g])) for g in groups]
+    picked: list = []
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return picked
+
+
+def sample_head_masks(manifest: str | Path, n: int, seed: int = 0) -> list[BiometryItem]:
+    """``n`` rows of an HC18-style manifest (``image,mask[,exam]``), one per exam first, seeded.
+
+    The manifest is read by :func:`fetalscan.data.hc18.load_biometry_manifest`
+    (paths relative to it; a missing or empty ``exam`` makes each image its own
+    exam); read each mask with :func:`fetalscan.data.hc18.read_mask`.
+    """
+    from fetalscan.data.hc18 import load_biometry_manifest
+
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"head-mask manifest not found: {manifest}")
-    with open(manifest, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("image", "mask") if c not in cols]
-        if missing:
-            raise DataError(f"{manifest}: missing column(s) {missing}; found {cols}; need image,mask")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    if not rows:
-        raise DataError(f"{manifest}: no rows")
+    items = load_biometry_manifest(manifest, require_masks=True, require_exam=False)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rows))
+    order = rng.permutation(len(items))
     seen: set[str] = set()
     first, rest = [], []
     for i in order:
-        exam = rows[i].get("exam") or rows[i]["image"]
+        exam = items[i].exam
         (rest if exam in seen else first).append(i)
         seen.add(exam)
-    picked = (first + rest)[:n]
-    out = []
-    for i in picked:
-        line = i + 2
-        img, msk = (manifest.parent / rows[i]["image"]), (manifest.parent / rows[i]["mask"])
-        for p, col in ((img, "image"), (msk, "mask")):
-            if not p.is_file():
-                raise DataError(f"{manifest}, line {line}, field {col!r}: file does not exist: {p}")
-        out.append((img, msk))
-    return out
-
-
-def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A binary mask (non-zero = inside) that must match ``shape`` (H, W)."""
-    from fetalscan.data.records import read_image
-
-    mask = read_image(path)[..., 0] > 127
-    if mask.shape != tuple(shape):
-        raise DataError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
-    return mask
+    return [items[i] for i in (first + rest)[:n]]
 
 
 def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
@@ -457,6 +458,42 @@ def evaluate_faithfulness(units: Sequence[Unit], cfg: FaithfulnessConfig | None 
     return _summarise(methods, acc, head, cfg, units)
 
 
+def faithfulness_to_folder(loaded, records: Sequence, cfg, fcfg: FaithfulnessConfig, out: Path,
+                           device: torch.device | str = "cpu") -> dict:
+    """Faithfulness of one model's heatmaps on a sample of ``records``, written to ``out``.
+
+    ``fcfg.n_images`` records are sampled, one per patient group first (seeded by
+    ``fcfg.seed``); ``cfg`` is the :class:`~fetalscan.explain.cams.ExplainConfig`
+    whose ``layer`` names the CAM layer. Writes ``faithfulness.json`` and
+    ``faithfulness_curves.png`` (see :func:`write_faithfulness`) and returns the
+    JSON's content.
+    """
+    import pandas as pd
+
+    from fetalscan.explain.cams import DISCLAIMER
+    from fetalscan.fileio import provenance
+
+    frame = pd.DataFrame({"group": [r.group for r in records]})
+    picked = [records[i] for i in sample_rows(frame, fcfg.n_images, fcfg.seed)]
+    result = evaluate_faithfulness([Unit(loaded, picked, "the given model", cfg.layer)], fcfg, device)
+    result["notes"].insert(0, "Images explained by the given model; if they were in its training data, "
+                              "the numbers describe the model on data it has seen.")
+    result["disclaimer"] = DISCLAIMER
+    result["provenance"] = provenance(fcfg.seed, device=str(device))
+    return write_faithfulness(out, result)
+
+
+def write_faithfulness(out: Path, result: dict) -> dict:
+    """``out/faithfulness_curves.png`` and ``out/faithfulness.json`` (which names the figure); returns ``result``."""
+    from fetalscan.figures import save_figure
+    from fetalscan.fileio import write_json
+
+    save_figure(curves_figure(result), out / "faithfulness_curves.png")
+    result["figures"] = {"curves": "faithfulness_curves.png"}
+    write_json(out / "faithfulness.json", result)
+    return result
+
+
 class _Accumulator:
     """Per-image results of every unit, in order."""
 
@@ -519,16 +556,17 @@ def _evaluate_unit(u_index: int, unit: Unit, methods: list[str], cfg: Faithfulne
 def _energy_in_head(units: Sequence[Unit], methods: list[str], cfg: FaithfulnessConfig,
                     device: torch.device) -> dict | None:
     """Per method: energy inside the head mask, head area share and peak-in-head, per image."""
+    from fetalscan.data.hc18 import read_mask
     from fetalscan.data.records import read_image
     from fetalscan.explain.cams import ExplainConfig, explain_arrays
 
     if not cfg.head_masks:
         return None
-    pairs = sample_head_masks(cfg.head_masks, cfg.head_images, cfg.seed)
+    items = sample_head_masks(cfg.head_masks, cfg.head_images, cfg.seed)
     models = [u for u in units if u.records] or list(units)
     out: dict[str, dict[str, list]] = {m: {"energy": [], "area": [], "peak": []} for m in methods}
-    images = [read_image(p) for p, _ in pairs]
-    masks = [read_mask(mp, img.shape[:2]) for (_, mp), img in zip(pairs, images)]
+    images = [read_image(it.image) for it in items]
+    masks = [read_mask(it, img.shape[:2]) for it, img in zip(items, images)]
     for k, unit in enumerate(models):
         idx = list(range(k, len(images), len(models)))
         if not idx:

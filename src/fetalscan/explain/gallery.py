@@ -1,4 +1,13 @@
-"""TODO docstring for explain.gallery"""
+"""``fetalscan explain --run``: the report gallery and the faithfulness of a cross-validation run.
+
+:func:`explain_run` picks the most confident true positives, false positives and
+false negatives per class from a run's out-of-fold predictions
+(:func:`select_gallery`), explains each image with the fold model that held it
+out (or a given model), and writes ``RUN/explain/gallery.json`` with the
+panels; with a :class:`~fetalscan.explain.faithfulness.FaithfulnessConfig` it
+also writes ``faithfulness.json`` and ``faithfulness_curves.png``, which
+``fetalscan report`` shows.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fetalscan.errors import DataError, FetalscanError
@@ -85,24 +93,6 @@ def run_record(row) -> object:
     return Record(path=path, label=label, group=str(row["group"]), name=f"{path.parent.name}/{path.name}", frame=frame)
 
 
-def sample_rows(preds, n: int, seed: int = 0) -> list:
-    """Up to ``n`` row labels of ``preds``: one random image from each of a random order of
-    groups first (so images are as independent as the data allow), then more per group."""
-    rng = np.random.default_rng(seed)
-    by_group: dict[str, list] = {}
-    for row, g in zip(preds.index, preds["group"].astype(str)):
-        by_group.setdefault(g, []).append(row)
-    groups = sorted(by_group)
-    rng.shuffle(groups)
-    queues = [list(rng.permutation(by_group[g])) for g in groups]
-    picked: list = []
-    while len(picked) < n and any(queues):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop())
-    return picked
-
-
 def _models_for_run(run_dir: Path, model_path, classes, device, has_folds: bool = True):
     """fold -> LoadedModel (or one given model for every row), and a description of it."""
     from fetalscan.models.checkpoint import load_checkpoint
@@ -173,7 +163,7 @@ def explain_run(run_dir: str | Path, cfg: ExplainConfig | None = None, fcfg=None
         ``faithfulness.json`` (formats agreed with :mod:`fetalscan.report`) are written.
     """
     from fetalscan.fileio import prepare_out_dir, write_json
-    from fetalscan.inference.predict import classes_from_columns
+    from fetalscan.inference.tables import classes_from_columns
 
     cfg = cfg or ExplainConfig()
     cfg.validate()
@@ -235,11 +225,11 @@ def _write_gallery(run_dir, out, preds, classes, cfg, per_kind, model_of, info, 
 def _run_faithfulness(run_dir, out, preds, fcfg, cfg, model_of, info, device) -> dict:
     from fetalscan.explain.faithfulness import (
         Unit,
-        curves_figure,
         evaluate_faithfulness,
+        sample_rows,
+        write_faithfulness,
     )
-    from fetalscan.figures import save_figure
-    from fetalscan.fileio import provenance, write_json
+    from fetalscan.fileio import provenance
 
     rows = sample_rows(preds, fcfg.n_images, fcfg.seed)
     by_fold: dict = {}
@@ -256,7 +246,4 @@ def _run_faithfulness(run_dir, out, preds, fcfg, cfg, model_of, info, device) ->
     result["models"] = info
     result["disclaimer"] = DISCLAIMER
     result["provenance"] = provenance(fcfg.seed, run=str(run_dir), device=str(device))
-    save_figure(curves_figure(result), out / "faithfulness_curves.png")
-    result["figures"] = {"curves": "faithfulness_curves.png"}
-    write_json(out / "faithfulness.json", result)
-    return result
+    return write_faithfulness(out, result)

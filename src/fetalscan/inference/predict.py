@@ -1,37 +1,19 @@
-"""Predictions: image-level probabilities and patient (group) level aggregation.
+"""The one prediction path: a checkpoint and records -> image and patient tables.
 
-The two files written here are the contract every later stage reads.
-
-``predictions.csv`` — one row per image::
-
-    path, frame, group, label, fold, pred, p_<class> ..., label_original,
-    ga_weeks, center, device, view, <any other manifest column> ...
-
-``patients.csv`` — one row per group::
-
-    group, label, fold, n_images, pred, p_<class> ..., aggregation,
-    ga_weeks (mean), center, device, view (first), <other manifest columns constant in the group>
-
-``path`` is the absolute path of the image file and ``frame`` the frame index for
-cine DICOM / video (empty for still images); ``label`` is empty when unknown;
-``fold`` is the outer CV fold that held the image out (empty for a final model's
-predictions on new data); ``pred`` is the class with the highest probability.
-
-Patient-level aggregation (the published CNS study read a patient from all of
-its images by a vote) — three rules:
-
-- ``mean``: average the image probabilities of the group (default).
-- ``vote``: majority vote of the image predictions; the group's scores are the
-  vote shares, and ties are broken by the mean probability.
-- ``max_abnormal``: take the single image of the group that is most abnormal
-  (lowest probability of the normal class) and use its probabilities; a
-  screening rule: one suspicious image flags the patient.
+:func:`predict` is what ``fetalscan predict``, ``fetalscan evaluate``, the Python API
+(:class:`fetalscan.Classifier`) and the service call. It decodes every image once, in
+chunks (so memory stays bounded on large archives), feeds the same decoded pixels to
+the classifier and, when asked, to the SonoNet-16 standard-plane gate, applies the
+model's temperature, and returns a :class:`Prediction` whose :meth:`Prediction.write`
+is the single writer of ``predictions.csv`` / ``patients.csv`` (their columns are
+documented in :mod:`fetalscan.inference.tables`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,43 +21,197 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fetalscan.data.records import Dataset, Record
-from fetalscan.data.transforms import Preprocessing, normalize
+from fetalscan.data.records import Dataset, Record, iter_record_images
+from fetalscan.data.transforms import Preprocessing, normalize, prepare
 from fetalscan.errors import DataError, FetalscanError
+from fetalscan.inference.tables import (
+    AGGREGATIONS,
+    PLANE_COLUMNS,
+    add_plane_columns,
+    aggregate_groups,
+    predictions_frame,
+    write_prediction_files,
+)
 from fetalscan.progress import track
 
 log = logging.getLogger(__name__)
 
-
-AGGREGATIONS = ("mean", "vote", "max_abnormal")
-
-
-META_COLUMNS = ("ga_weeks", "center", "device", "view")
+#: Images decoded and held at once per chunk, as a multiple of the batch size.
+CHUNK_BATCHES = 4
 
 
-#: Columns added by ``fetalscan predict --plane-check`` (see :func:`add_plane_columns`).
-PLANE_COLUMNS: tuple[str, ...] = ("plane", "plane_confidence", "brain_plane")
+@dataclass
+class PredictConfig:
+    """How a trained model is applied; the CLI maps its flags 1:1 onto these fields.
 
-
-def prob_columns(classes: Sequence[str]) -> list[str]:
-    """``p_<class>`` column names in class order."""
-    return [f"p_{c}" for c in classes]
-
-
-def classes_from_columns(columns: Sequence[str]) -> list[str]:
-    """Class order recovered from the ``p_<class>`` columns of a predictions file.
-
-    These are the consecutive ``p_`` columns right after ``pred`` (so an extra
-    manifest column that happens to start with ``p_`` is not taken for a class).
+    ``aggregate`` is the patient-level rule (:mod:`fetalscan.inference.tables`),
+    ``plane_check`` runs the SonoNet-16 plane gate on the same decoded images and flags
+    (never drops) images that are not a brain plane; ``crop`` is the gate's
+    scanner-frame crop (``auto``, ``none`` or ``x0,y0,x1,y1``).
     """
-    columns = list(columns)
-    start = columns.index("pred") + 1 if "pred" in columns else 0
-    out = []
-    for c in columns[start:]:
-        if not c.startswith("p_"):
-            break
-        out.append(c[2:])
-    return out
+
+    aggregate: str = "mean"
+    normal_class: str = "normal"
+    batch_size: int = 32
+    plane_check: bool = False
+    crop: str = "auto"
+
+    def validate(self) -> None:
+        if self.aggregate not in AGGREGATIONS:
+            raise FetalscanError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, got {self.aggregate!r}")
+        if self.batch_size < 1:
+            raise FetalscanError(f"batch_size must be at least 1, got {self.batch_size}")
+        from fetalscan.quality.planes import parse_crop
+
+        parse_crop(self.crop)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict` returns: the two tables and what the user should know about them."""
+
+    images: pd.DataFrame
+    patients: pd.DataFrame
+    classes: list[str]
+    unknown_labels: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    config: PredictConfig = field(default_factory=PredictConfig)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Image-level class probabilities, ``(n_images, n_classes)`` in class order."""
+        return self.images[[f"p_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+
+    def write(self, out: str | Path, prefix: str = "") -> tuple[Path, Path]:
+        """Write ``predictions.csv`` and ``patients.csv`` atomically into ``out`` (which must exist)."""
+        return write_prediction_files(Path(out), self.images, self.patients, prefix=prefix)
+
+
+def predict(loaded, dataset: Dataset, config: PredictConfig | None = None,
+            device: torch.device | str = "cpu") -> Prediction:
+    """Apply a loaded checkpoint to every record of ``dataset``.
+
+    Parameters
+    ----------
+    loaded : fetalscan.models.checkpoint.LoadedModel
+        From :func:`fetalscan.models.checkpoint.load_checkpoint`.
+    dataset : fetalscan.data.records.Dataset
+        Labelled or not. Labels the model does not know (after its ``class_map``)
+        are kept only in ``label_original`` and reported in ``unknown_labels``.
+    config : PredictConfig, optional
+    device : torch.device or str
+
+    Returns
+    -------
+    Prediction
+        ``images`` (rows of ``predictions.csv``) and ``patients`` (``patients.csv``).
+    """
+    cfg = config or PredictConfig()
+    cfg.validate()
+    if cfg.aggregate == "max_abnormal" and cfg.normal_class not in loaded.classes:
+        raise FetalscanError(f"the max_abnormal rule needs the normal class {cfg.normal_class!r}, which is not "
+                             f"one of the model's classes {loaded.classes}; name it with normal_class")
+    device = torch.device(device)
+    data, unknown = labels_for_model(dataset, loaded.classes, loaded.class_map)
+    probs, planes = predict_probabilities(loaded, data.records, device, cfg.batch_size,
+                                          plane_crop=cfg.crop if cfg.plane_check else None)
+    images = predictions_frame(data.records, probs, loaded.classes)
+    notes = []
+    if unknown:
+        notes.append(f"label(s) {sorted(unknown)} are not classes of the model; left empty in 'label' "
+                     "(kept in 'label_original')")
+    if planes is not None:
+        images = add_plane_columns(images, planes)
+        notes.extend(_plane_notes(images))
+    patients = aggregate_groups(images, loaded.classes, cfg.aggregate, cfg.normal_class)
+    return Prediction(images, patients, list(loaded.classes), unknown, notes, cfg)
+
+
+def _plane_notes(images: pd.DataFrame) -> list[str]:
+    off = images.loc[~images[PLANE_COLUMNS[2]].astype(bool)]
+    if not len(off):
+        return []
+    shown = ", ".join(f"{Path(p).name} ({pl}, {c:.2f})" for p, pl, c in
+                      off[["path", "plane", "plane_confidence"]].head(5).itertuples(index=False))
+    return [f"{len(off)} of {len(images)} image(s) do not look like a brain plane (SonoNet-16): "
+            f"{shown}{', ...' if len(off) > 5 else ''}; their predictions are kept and flagged "
+            "in the 'brain_plane' column: read them with care."]
+
+
+def probabilities_of_arrays(loaded, images: Sequence[np.ndarray], device: torch.device | str = "cpu",
+                            batch_size: int = 32) -> np.ndarray:
+    """Class probabilities (temperature applied) of decoded RGB ``uint8`` images ``(H, W, 3)``."""
+    if not len(images):
+        return np.zeros((0, len(loaded.classes)))
+    pre = loaded.preprocessing
+    for i, a in enumerate(images):
+        if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim not in (2, 3):
+            raise DataError(f"image {i}: expected a uint8 array (H, W) or (H, W, 3), got "
+                            f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    x = torch.stack([prepare(a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2), pre) for a in images])
+    logits = predict_logits(loaded.model, x, pre, torch.device(device), batch_size)
+    return softmax_with_temperature(logits, loaded.temperature)
+
+
+def predict_to_folder(model: str | Path, dataset: Dataset, out: str | Path, config: PredictConfig | None = None, *,
+                      device: torch.device | str = "cpu", overwrite: bool = False) -> Prediction:
+    """``fetalscan predict``: load ``model``, :func:`predict`, write ``predictions.csv`` and ``patients.csv``.
+
+    ``out`` is checked before any work (refused when not empty unless ``overwrite``)
+    and created only when the predictions exist, so a failed run writes nothing.
+    """
+    from fetalscan.fileio import check_out_dir, prepare_out_dir
+    from fetalscan.models.checkpoint import load_checkpoint
+
+    cfg = config or PredictConfig()
+    cfg.validate()
+    out = check_out_dir(out, overwrite)
+    loaded = load_checkpoint(model, device)
+    prediction = predict(loaded, dataset, cfg, device)
+    prediction.write(prepare_out_dir(out, overwrite=True))
+    return prediction
+
+
+def predict_probabilities(loaded, records: Sequence[Record], device: torch.device | str = "cpu",
+                          batch_size: int = 32, *, plane_crop: str | None = None,
+                          description: str = "predicting") -> tuple[np.ndarray, list | None]:
+    """Class probabilities (temperature applied) of every record; each image decoded once.
+
+    With ``plane_crop`` (``auto``, ``none`` or ``x0,y0,x1,y1``) the SonoNet-16 plane
+    gate reads the same decoded images and its :class:`~fetalscan.quality.planes.PlaneResult`
+    list is returned second (else ``None``). Images are decoded in chunks of
+    ``CHUNK_BATCHES * batch_size``, so memory does not grow with the number of records.
+    """
+    from fetalscan.quality.planes import classify_planes, parse_crop
+
+    device = torch.device(device)
+    n = len(records)
+    probs = np.zeros((n, len(loaded.classes)), dtype=np.float64)
+    planes: list | None = [None] * n if plane_crop is not None else None
+    crop = parse_crop(plane_crop) if plane_crop is not None else None
+    chunk = max(1, CHUNK_BATCHES * batch_size)
+    index: list[int] = []
+    arrays: list[np.ndarray] = []
+
+    def flush() -> None:
+        probs[index] = probabilities_of_arrays(loaded, arrays, device, batch_size)
+        if planes is not None:
+            for i, res in zip(index, classify_planes(arrays, device, crop=crop)):
+                planes[i] = res
+        index.clear()
+        arrays.clear()
+
+    for i, image in track(iter_record_images(records), description, total=n):
+        index.append(i)
+        arrays.append(image)
+        if len(arrays) >= chunk:
+            flush()
+    if arrays:
+        flush()
+    return probs, planes
 
 
 def softmax_with_temperature(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
@@ -85,114 +221,10 @@ def softmax_with_temperature(logits: torch.Tensor, temperature: float = 1.0) -> 
     return torch.softmax(logits.double() / temperature, dim=1).numpy()
 
 
-def predictions_frame(
-    records: Sequence[Record], probs: np.ndarray, classes: Sequence[str],
-    fold: Sequence[int | None] | int | None = None,
-) -> pd.DataFrame:
-    """Build ``predictions.csv`` rows for ``records`` and their probabilities."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape != (len(records), len(classes)):
-        raise ValueError(f"probs has shape {probs.shape}, expected {(len(records), len(classes))}")
-    folds = fold if isinstance(fold, (list, tuple, np.ndarray)) else [fold] * len(records)
-    df = pd.DataFrame({
-        "path": [str(r.path) for r in records],
-        "frame": pd.array([r.frame for r in records], dtype="Int64"),
-        "group": [r.group for r in records],
-        "label": [r.label or "" for r in records],
-        "fold": pd.array(list(folds), dtype="Int64"),
-        "pred": [classes[i] for i in probs.argmax(1)] if len(records) else [],
-    })
-    for j, col in enumerate(prob_columns(classes)):
-        df[col] = probs[:, j]
-    df["label_original"] = [r.label_original or r.label or "" for r in records]
-    for col in META_COLUMNS:
-        df[col] = [getattr(r, col) for r in records]
-    extra_cols = list(dict.fromkeys(k for r in records for k in r.extra))
-    for col in extra_cols:
-        if col not in df.columns:
-            df[col] = [r.extra.get(col, "") for r in records]
-    return df
 
 
-def aggregate_groups(
-    df: pd.DataFrame, classes: Sequence[str], method: str = "mean", normal_class: str = "normal",
-) -> pd.DataFrame:
-    """Patient-level rows (``patients.csv``) from image-level predictions.
-
-    Parameters
-    ----------
-    df : DataFrame
-        Rows of ``predictions.csv`` (needs ``group``, ``label``, ``fold`` and the
-        ``p_<class>`` columns).
-    method : {"mean", "vote", "max_abnormal"}
-    normal_class : str
-        The class whose low probability means "abnormal" (``max_abnormal`` only).
-    """
-    if method not in AGGREGATIONS:
-        raise FetalscanError(f"--aggregate must be one of {', '.join(AGGREGATIONS)}, got {method!r}")
-    cols = prob_columns(classes)
-    missing = [c for c in ["group", *cols] if c not in df.columns]
-    if missing:
-        raise DataError(f"predictions lack column(s) {missing}")
-    if method == "max_abnormal" and normal_class not in classes:
-        raise FetalscanError(
-            f"--aggregate max_abnormal needs a normal class; {normal_class!r} is not one of "
-            f"{list(classes)} (set --normal-class)"
-        )
-    rows = []
-    for group, part in df.groupby("group", sort=True, dropna=False):
-        p = part[cols].to_numpy(dtype=np.float64)
-        scores = _aggregate(p, method, list(classes).index(normal_class) if method == "max_abnormal" else -1)
-        labels = sorted({lab for lab in part.get("label", pd.Series(dtype=str)).fillna("") if lab})
-        if len(labels) > 1:
-            raise DataError(f"group {group!r} carries two labels in the predictions: {labels}")
-        folds = part["fold"].dropna().unique() if "fold" in part else []
-        row = {
-            "group": group,
-            "label": labels[0] if labels else "",
-            "fold": int(folds[0]) if len(folds) == 1 else pd.NA,
-            "n_images": len(part),
-            "pred": classes[int(np.argmax(scores))],
-        }
-        row.update(dict(zip(cols, scores)))
-        row["aggregation"] = method
-        if PLANE_COLUMNS[2] in part:
-            row["n_not_brain_plane"] = int((~part[PLANE_COLUMNS[2]].astype(bool)).sum())
-        for col in META_COLUMNS:
-            if col in part:
-                vals = part[col].dropna()
-                row[col] = (vals.astype(float).mean() if col == "ga_weeks" else vals.iloc[0]) if len(vals) else None
-        for col in part.columns[part.columns.get_loc("label_original") + 1:] if "label_original" in part else []:
-            if col not in row and col not in META_COLUMNS and col not in PLANE_COLUMNS and part[col].nunique(dropna=False) == 1:
-                row[col] = part[col].iloc[0]  # extra manifest columns constant within the group
-        rows.append(row)
-    out = pd.DataFrame(rows)
-    if len(out):
-        out["fold"] = out["fold"].astype("Int64")
-    return out
 
 
-def _aggregate(p: np.ndarray, method: str, normal_idx: int) -> np.ndarray:
-    if method == "mean":
-        return p.mean(0)
-    if method == "vote":
-        votes = np.bincount(p.argmax(1), minlength=p.shape[1]).astype(np.float64) / len(p)
-        # tie-break by mean probability, scaled far below one vote's share (1 / n)
-        scores = votes + p.mean(0) * (0.05 / len(p))
-        return scores / scores.sum()
-    return p[int(np.argmin(p[:, normal_idx]))]
-
-
-def predict_dataset(
-    loaded, dataset: Dataset, device: torch.device, batch_size: int = 32,
-) -> np.ndarray:
-    """Probabilities of every record under a loaded checkpoint (with its temperature)."""
-    from fetalscan.data.records import prepare_images
-    from fetalscan.inference.predict import predict_logits
-
-    images, _ = prepare_images(dataset.records, loaded.preprocessing, description="predicting")
-    logits = predict_logits(loaded.model, images, loaded.preprocessing, device, batch_size)
-    return softmax_with_temperature(logits, loaded.temperature)
 
 
 def labels_for_model(dataset: Dataset, classes: Sequence[str], class_map: dict[str, str]) -> tuple[Dataset, set[str]]:
@@ -218,33 +250,8 @@ def labels_for_model(dataset: Dataset, classes: Sequence[str], class_map: dict[s
     return Dataset(records, list(classes), dataset.source, list(dataset.notes), dict(dataset.loading)), unknown
 
 
-def add_plane_columns(df: pd.DataFrame, planes: Sequence) -> pd.DataFrame:
-    """Add SonoNet's plane reading (``plane``, ``plane_confidence``, ``brain_plane``) to predictions.
-
-    ``planes`` are :class:`fetalscan.quality.PlaneResult` in the order of ``df``'s rows.
-    The rows are kept: an image off the brain planes is flagged, never dropped, because
-    an abnormal brain need not look like a standard plane.
-    """
-    if len(planes) != len(df):
-        raise ValueError(f"{len(planes)} plane results for {len(df)} predictions")
-    df = df.copy()
-    plane, confidence, brain = PLANE_COLUMNS
-    df[plane] = [p.plane for p in planes]
-    df[confidence] = [p.confidence for p in planes]
-    df[brain] = [p.is_brain for p in planes]
-    return df
 
 
-def write_prediction_files(out: Path, df: pd.DataFrame, classes: Sequence[str],
-                           method: str = "mean", normal_class: str = "normal",
-                           prefix: str = "") -> tuple[Path, Path]:
-    """Write ``predictions.csv`` and ``patients.csv`` (atomically) into ``out``."""
-    from fetalscan.fileio import write_csv
-
-    patients = aggregate_groups(df, classes, method, normal_class)
-    a = write_csv(out / f"{prefix}predictions.csv", df)
-    b = write_csv(out / f"{prefix}patients.csv", patients)
-    return a, b
 
 
 def _autocast(device: torch.device, amp: bool):

@@ -32,7 +32,7 @@ from torch import nn
 from fetalscan import __version__
 from fetalscan.data.transforms import Preprocessing
 from fetalscan.errors import CheckpointError, FetalscanError
-from fetalscan.fileio import write_bytes
+from fetalscan.fileio import read_torch_file, write_bytes
 
 FORMAT = "fetalscan-classifier"
 
@@ -90,12 +90,7 @@ def load_blob(path: str | Path, fmt: str, what: str = "checkpoint", *,
     foreign file and for one of another format version.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path} is not a readable {what} (corrupt or not a torch file): {exc}") from exc
+    blob = read_torch_file(path, CheckpointError, what)
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         hint = f"; it is {KNOWN_FORMATS[found]}" if found in KNOWN_FORMATS else ""
@@ -141,6 +136,15 @@ def save_checkpoint(
         provenance=provenance or {},
         state_dict=cpu_state(model.state_dict()),
     )
+
+
+def save_loaded(path: str | Path, loaded: LoadedModel) -> Path:
+    """Write a :class:`LoadedModel` (e.g. a model just trained) as one checkpoint file."""
+    meta = loaded.meta
+    return save_checkpoint(path, loaded.model, classes=loaded.classes, architecture=loaded.architecture,
+                           preprocessing=loaded.preprocessing, training=meta.get("training"),
+                           provenance=meta.get("provenance"), class_map=meta.get("class_map"),
+                           calibration=meta.get("calibration"))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -249,7 +253,7 @@ def load_fold_model(run_dir: str | Path, fold: int, device: str | torch.device =
     if not cached.is_file():
         raise CheckpointError(
             f"{run_dir} holds no model for fold {fold} ({FOLD_DIR}/ missing); re-run `fetalscan cv` with "
-            "--save-fold-models yes, or pass a checkpoint with --model"
+            "save_fold_models='yes', or explain with a model checkpoint instead"
         )
     blob = load_blob(cached, FOLD_FORMAT, "fold-model file")
     if str(fold) not in blob["heads"]:

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from fetalscan.data.transforms import Preprocessing
@@ -118,7 +117,7 @@ def load_imagenet_backbone(
         raise ModelError(
             f"could not load ImageNet weights for {timm_name!r} from {where}: {exc}. "
             "Offline? Put the weights file in $FETALSCAN_WEIGHTS_DIR as "
-            f"{timm_name}.pth, or use --pretrained sononet / none / PATH."
+            f"{timm_name}.pth, or use pretrained='sononet', 'none' or a weights file."
         ) from exc
 
 
@@ -245,7 +244,7 @@ def create_model(
     kind = pretrained.lower() if pretrained.lower() in ("imagenet", "sononet", "none") else "path"
     if kind in ("imagenet", "sononet") and kind not in spec.pretrained_sources:
         raise ModelError(
-            f"--pretrained {kind} is not available for {backbone!r}; "
+            f"pretrained={kind!r} is not available for {backbone!r}; "
             f"it supports: {', '.join(spec.pretrained_sources + ('none', 'PATH'))}"
         )
     model = spec.build(num_classes, None if kind in ("none", "path") else kind, drop_rate)
@@ -261,27 +260,24 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
     backbone key of the model must be present with the same shape; head keys whose
     shape differs (another number of classes) are skipped.
     """
-    if not path.is_file():
-        raise ModelError(f"--pretrained: file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ModelError(f"--pretrained: cannot read weights from {path}: {exc}") from exc
+    from fetalscan.fileio import read_torch_file
+
+    obj = read_torch_file(path, ModelError, "file of pretrained weights")
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
-        raise ModelError(f"--pretrained: {path} holds no state dict")
+        raise ModelError(f"pretrained weights {path} hold no state dict")
     own = model.state_dict()
     head = _head_prefixes(model)
     missing = [k for k in own if k not in state and not k.startswith(head)]
     if missing:
         raise ModelError(
-            f"--pretrained: {path} does not match this architecture; "
+            f"pretrained weights {path} do not match this architecture; "
             f"{len(missing)} backbone keys missing, e.g. {missing[:3]}"
         )
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     bad = [k for k in own if k in state and k not in usable and not k.startswith(head)]
     if bad:
-        raise ModelError(f"--pretrained: {path} has wrong shapes for backbone keys {bad[:3]}")
+        raise ModelError(f"pretrained weights {path} have wrong shapes for backbone keys {bad[:3]}")
     model.load_state_dict(usable, strict=False)
     log.info("initialised %d tensors from %s", len(usable), path)
 

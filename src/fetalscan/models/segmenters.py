@@ -1,4 +1,9 @@
-"""TODO docstring for models.segmenters"""
+"""Head segmenters: a U-Net (segmentation-models-pytorch) configured by :class:`SegmenterConfig`,
+built by :func:`build_segmenter`, and saved / read as one checkpoint file of its own format.
+
+Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image Segmentation",
+MICCAI 2015. The encoder, input size and decoder widths are part of the saved
+architecture, so a checkpoint is rebuilt exactly."""
 
 from __future__ import annotations
 
@@ -38,9 +43,9 @@ class SegmenterConfig:
         try:
             ch = tuple(int(c) for c in str(self.decoder_channels).split(","))
         except ValueError:
-            raise FetalscanError(f"--decoder-channels must be comma-separated integers, got {self.decoder_channels!r}") from None
+            raise FetalscanError(f"decoder_channels must be comma-separated integers, got {self.decoder_channels!r}") from None
         if len(ch) != 5 or min(ch) < 1:
-            raise FetalscanError(f"--decoder-channels needs 5 positive integers, got {self.decoder_channels!r}")
+            raise FetalscanError(f"decoder_channels needs 5 positive integers, got {self.decoder_channels!r}")
         return ch
 
     def validate(self) -> None:
@@ -50,7 +55,7 @@ class SegmenterConfig:
             if v < 32 or v % 32:
                 raise FetalscanError(f"--{name.replace('_', '-')} must be a positive multiple of 32, got {v}")
         if self.pretrained not in ("none", "imagenet"):
-            raise FetalscanError(f"--pretrained must be 'none' or 'imagenet' for the segmenter, got {self.pretrained!r}")
+            raise FetalscanError(f"pretrained must be 'none' or 'imagenet' for the segmenter, got {self.pretrained!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +83,7 @@ def build_segmenter(cfg: SegmenterConfig):
     except (OSError, RuntimeError, ValueError) as exc:
         if weights:
             raise ModelError(f"could not load ImageNet weights for encoder {cfg.encoder!r}: {exc}. "
-                             "Offline? Use --pretrained none.") from exc
+                             "Offline? Use pretrained='none'.") from exc
         raise ModelError(f"cannot build the segmenter {cfg}: {exc}") from exc
 
 

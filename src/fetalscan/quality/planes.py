@@ -133,7 +133,7 @@ def parse_crop(text: str) -> tuple[int, int, int, int] | str:
     except ValueError:
         box = ()
     if len(box) != 4:
-        raise FetalscanError(f"--crop must be 'auto', 'none' or 'x0,y0,x1,y1' in pixels, got {text!r}")
+        raise FetalscanError(f"crop must be 'auto', 'none' or 'x0,y0,x1,y1' in pixels, got {text!r}")
     return box  # type: ignore[return-value]
 
 

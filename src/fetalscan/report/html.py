@@ -24,14 +24,11 @@ import pandas as pd
 
 from fetalscan.errors import DataError
 from fetalscan.fileio import write_text
+from fetalscan.texts import DISCLAIMER
 
 log = logging.getLogger(__name__)
 
 
-DISCLAIMER = (
-    "fetalscan is research software that supports, and never replaces, the clinician's "
-    "reading; it is not a medical device."
-)
 
 
 SECTIONS = (
@@ -367,11 +364,9 @@ def build_figures(metrics: dict, frames: dict) -> dict:
 
 
 def _environment():
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+    from fetalscan.report.templating import environment
 
-    env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
-                      autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True)
+    env = environment()
     env.filters.update({"fmt": fmt, "ci": fmt_ci})
     env.globals.update({"boot": boot, "wilson": wilson})
     return env

@@ -1,4 +1,9 @@
-"""TODO docstring for report.runs"""
+"""Evaluate a run folder and write its report; external validation of a trained model.
+
+:func:`evaluate_run` turns any run folder (``fetalscan cv`` or ``fetalscan evaluate``)
+into ``metrics.json`` + ``report.html``; :func:`evaluate_external` predicts another
+centre's data through the one prediction path and evaluates it the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,14 @@ import time
 from pathlib import Path
 
 from fetalscan.errors import DataError, FetalscanError
+from fetalscan.evaluation.config import EvaluationConfig
 from fetalscan.evaluation.evaluate import (
-    EvaluationConfig,
     _limitations,
     evaluate_frames,
 )
 from fetalscan.evaluation.runs import load_run
-from fetalscan.inference.predict import (
-    AGGREGATIONS,
-)
+from fetalscan.inference.predict import PredictConfig
+from fetalscan.texts import DISCLAIMER
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def evaluate_run(run_dir: str | Path, config: EvaluationConfig | None = None, *,
     thresholds = (run.metrics.get("external") or {}).get("screening_thresholds")
     blocks, frames = evaluate_frames(run, cfg, thresholds=thresholds)
     metrics = dict(run.metrics)
-    metrics.setdefault("disclaimer", report_mod.DISCLAIMER)
+    metrics.setdefault("disclaimer", DISCLAIMER)
     metrics.setdefault("task", {"classes": run.classes, "class_map": {}, "notes": []})
     if "provenance" not in metrics:
         metrics["provenance"] = provenance(cfg.seed)
@@ -83,41 +87,40 @@ def evaluate_run(run_dir: str | Path, config: EvaluationConfig | None = None, *,
 
 
 def evaluate_external(model: str | Path, dataset, out: str | Path, config: EvaluationConfig | None = None, *,
-                      device=None, aggregate: str = "mean", normal_class: str = "normal", batch_size: int = 32,
-                      overwrite: bool = False, description: str = "") -> dict:
+                      predict_config: PredictConfig | None = None, device=None, overwrite: bool = False,
+                      description: str = "") -> dict:
     """Score a trained model on another dataset and write the same report (external validation).
 
     Writes ``predictions.csv``, ``patients.csv``, ``metrics.json`` and ``report.html``
-    into ``out``. There are no folds: nothing is fitted on these data. The model's
-    own temperature (fitted on its inner validation split) is already applied by
-    :func:`fetalscan.predict.predict_dataset`; the screening operating point is the
-    one stored with the model, when it has one.
+    into ``out``. There are no folds: nothing is fitted on these data. Predictions come
+    from the one prediction path, :func:`fetalscan.inference.predict.predict`, which
+    applies the model's own temperature (fitted on its inner validation split); the
+    screening operating point is the one stored with the model, when it has one.
 
     Parameters
     ----------
     model : path
         ``model.pt`` written by ``fetalscan train``.
-    dataset : fetalscan.data.Dataset
+    dataset : fetalscan.data.records.Dataset
         The external data, labelled (labels the model does not know are kept only
         in ``label_original`` and left out of the metrics).
+    config : EvaluationConfig, optional
+    predict_config : PredictConfig, optional
+        Patient-level rule, normal class, batch size, optional plane check.
     description : str
         What the external set is (centre, device, period, how labels were
         obtained); printed at the top of the report.
     """
-    from fetalscan.fileio import prepare_out_dir, provenance, write_json
-    from fetalscan.inference.predict import (
-        labels_for_model,
-        predict_dataset,
-        predictions_frame,
-        write_prediction_files,
-    )
+    from fetalscan.fileio import prepare_out_dir, provenance, sha256_file, write_json
+    from fetalscan.inference.predict import labels_for_model, predict
     from fetalscan.models.checkpoint import load_checkpoint
     from fetalscan.runtime import resolve_device
 
     cfg = config or EvaluationConfig()
     cfg.validate()
-    if aggregate not in AGGREGATIONS:
-        raise FetalscanError(f"--aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+    pcfg = predict_config or PredictConfig()
+    pcfg.validate()
+    aggregate, normal_class = pcfg.aggregate, pcfg.normal_class
     device = device if device is not None else resolve_device("auto")
     loaded = load_checkpoint(model, device)
     data, unknown = labels_for_model(dataset, loaded.classes, loaded.class_map)
@@ -125,12 +128,12 @@ def evaluate_external(model: str | Path, dataset, out: str | Path, config: Evalu
         raise DataError(f"{dataset.source}: none of its labels {sorted(unknown)} is a class of the model "
                         f"{loaded.classes}; external validation needs labelled cases of the model's classes")
     if aggregate == "max_abnormal" and normal_class not in loaded.classes:
-        raise FetalscanError(f"--aggregate max_abnormal needs the normal class {normal_class!r}")
+        raise FetalscanError(f"the max_abnormal rule needs the normal class {normal_class!r}, which is not one of "
+                             f"the model's classes {loaded.classes}")
     out = prepare_out_dir(out, overwrite)
     t0 = time.perf_counter()
-    probs = predict_dataset(loaded, data, device, batch_size)
-    df = predictions_frame(data.records, probs, loaded.classes)
-    write_prediction_files(out, df, loaded.classes, aggregate, normal_class)
+    prediction = predict(loaded, dataset, pcfg, device)
+    prediction.write(out)
     calib = loaded.meta.get("calibration") or {}
     screening = calib.get("screening") or None
     thresholds = None
@@ -138,12 +141,10 @@ def evaluate_external(model: str | Path, dataset, out: str | Path, config: Evalu
         thresholds = {"image": screening.get("image"), "patient": screening.get("patient") if
                       screening.get("aggregate", aggregate) == aggregate else None,
                       "target_sensitivity": screening.get("target_sensitivity")}
-    notes = list(data.notes)
+    notes = list(data.notes) + [n for n in prediction.notes if not n.startswith("label(s)")]
     if unknown:
         notes.append(f"label(s) {sorted(unknown)} are not classes of the model; those images are predicted but "
                      "left out of the metrics (kept in label_original)")
-    from fetalscan.fileio import sha256_file
-
     base = {
         "disclaimer": _disclaimer(),
         "task": {"classes": loaded.classes, "class_map": loaded.class_map, "notes": notes},
@@ -165,6 +166,4 @@ def evaluate_external(model: str | Path, dataset, out: str | Path, config: Evalu
 
 
 def _disclaimer() -> str:
-    from fetalscan.report.html import DISCLAIMER
-
     return DISCLAIMER

@@ -33,11 +33,7 @@ from fetalscan.errors import FetalscanError
 from fetalscan.inference.predict import _autocast, predict_logits
 from fetalscan.models.heads import build_classifier, cached_head
 from fetalscan.models.registry import (
-    build_head,
-    create_model,
-    embedding_dim,
     get_backbone_spec,
-    set_head,
 )
 from fetalscan.progress import track
 
@@ -78,9 +74,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.mode not in ("cached", "finetune"):
-            raise FetalscanError(f"--mode must be 'cached' or 'finetune', got {self.mode!r}")
+            raise FetalscanError(f"mode must be 'cached' or 'finetune', got {self.mode!r}")
         if self.head not in ("linear", "mlp"):
-            raise FetalscanError(f"--head must be 'linear' or 'mlp', got {self.head!r}")
+            raise FetalscanError(f"head must be 'linear' or 'mlp', got {self.head!r}")
         for name in ("epochs", "batch_size", "head_epochs"):
             if getattr(self, name) < 1:
                 raise FetalscanError(f"--{name.replace('_', '-')} must be >= 1")

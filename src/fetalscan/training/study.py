@@ -32,6 +32,7 @@ import torch
 
 from fetalscan.data.records import Dataset, prepare_images
 from fetalscan.errors import FetalscanError, SplitError
+from fetalscan.evaluation.calibration_analysis import final_model_calibration
 from fetalscan.evaluation.metrics import metrics_from_frame
 from fetalscan.fileio import (
     check_out_dir,
@@ -41,15 +42,23 @@ from fetalscan.fileio import (
     write_json,
 )
 from fetalscan.inference.predict import (
-    AGGREGATIONS,
-    aggregate_groups,
     compute_embeddings,
     predict_logits,
-    predictions_frame,
     softmax_with_temperature,
 )
-from fetalscan.models.checkpoint import architecture_of, save_checkpoint
-from fetalscan.models.registry import get_backbone_spec, get_head, set_head
+from fetalscan.inference.tables import (
+    AGGREGATIONS,
+    aggregate_groups,
+    predictions_frame,
+    write_prediction_files,
+)
+from fetalscan.models.checkpoint import (
+    LoadedModel,
+    architecture_of,
+    save_checkpoint,
+    save_loaded,
+)
+from fetalscan.models.registry import get_backbone_spec, set_head
 from fetalscan.runtime import resolve_device, seed_everything
 from fetalscan.splits import (
     PHASH_THRESHOLD,
@@ -63,6 +72,7 @@ from fetalscan.splits import (
     min_groups_required,
     raise_if_failed,
 )
+from fetalscan.texts import DISCLAIMER
 from fetalscan.training.loop import (
     FitResult,
     TrainConfig,
@@ -75,10 +85,6 @@ from fetalscan.training.loop import (
 log = logging.getLogger(__name__)
 
 
-DISCLAIMER = (
-    "fetalscan is research software that supports, and never replaces, the clinician's "
-    "reading; it is not a medical device."
-)
 
 
 @dataclass
@@ -97,13 +103,13 @@ class CVConfig:
 
     def validate(self) -> None:
         if self.scheme not in ("kfold", "logo"):
-            raise FetalscanError(f"--cv must be 'kfold' or 'logo', got {self.scheme!r}")
+            raise FetalscanError(f"scheme must be 'kfold' or 'logo', got {self.scheme!r}")
         if self.near_duplicates not in ("error", "merge"):
-            raise FetalscanError(f"--near-duplicates must be 'error' or 'merge', got {self.near_duplicates!r}")
+            raise FetalscanError(f"near_duplicates must be 'error' or 'merge', got {self.near_duplicates!r}")
         if self.save_fold_models not in ("auto", "yes", "no"):
-            raise FetalscanError(f"--save-fold-models must be auto, yes or no, got {self.save_fold_models!r}")
+            raise FetalscanError(f"save_fold_models must be auto, yes or no, got {self.save_fold_models!r}")
         if self.aggregate not in AGGREGATIONS:
-            raise FetalscanError(f"--aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
+            raise FetalscanError(f"aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,7 +141,7 @@ def _merge_duplicate_groups(dataset: Dataset, hashes: np.ndarray, threshold: int
     try:
         check_group_labels(records, dataset.source)
     except FetalscanError as exc:
-        raise SplitError(f"--near-duplicates merge: near-duplicate images carry different labels: {exc}") from None
+        raise SplitError(f"near_duplicates='merge': near-duplicate images carry different labels: {exc}") from None
     n_before, n_after = len(set(dataset.groups)), len(set(new_groups))
     if n_after < n_before:
         merged.notes.append(f"merged the groups of near-duplicate images: {n_before} -> {n_after} groups")
@@ -152,7 +158,8 @@ def _train_fold(
     """
     tr, va = fold.inner_train, fold.inner_val
     if cfg.mode == "cached":
-        assert emb is not None
+        if emb is None:
+            raise FetalscanError("cached mode needs the embeddings of the images (emb)")
         return fit_head(emb[tr], y[tr], emb[va], y[va], n_classes, cfg, seed)
     seed_everything(seed)
     model = new_model(cfg, n_classes)
@@ -260,9 +267,9 @@ def _fold_model_saver(out: Path, dataset: Dataset, cfg: TrainConfig, cv: CVConfi
     return on_fold, finish
 
 
-def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path,
+def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path | None,
                     final: bool) -> tuple[Dataset, torch.Tensor, list[Fold], dict]:
-    """Decode images, build folds (or the final split), audit, write ``audit.json``."""
+    """Decode images, build folds (or the final split), audit, write ``audit.json`` (when ``out``)."""
     pre = get_backbone_spec(cfg.backbone).preprocessing
     images, hashes = prepare_images(dataset.records, pre, with_hashes=True)
     if cv.near_duplicates == "merge":
@@ -274,20 +281,46 @@ def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path,
         folds = make_folds(labels, groups, cv.scheme, cv.folds, cfg.seed, cfg.val_fraction)
     report = audit_folds(folds, labels, groups, [r.image_id for r in dataset.records], hashes,
                          cv.phash_threshold)
-    prepare_out_dir(out, overwrite=True)  # checked at the start of the run; created only now
-    write_json(out / "audit.json", report.to_dict())
-    raise_if_failed(report, str(out / "audit.json"))
+    if out is not None:
+        prepare_out_dir(out, overwrite=True)  # checked at the start of the run; created only now
+        write_json(out / "audit.json", report.to_dict())
+    raise_if_failed(report, str(out / "audit.json") if out is not None else "the leakage audit")
     return dataset, images, folds, report.to_dict()
 
 
-def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False,
-           eval_cfg=None) -> dict:
-    """Grouped cross-validation; writes the run folder, evaluates it (``report.html``) and
-    returns ``metrics.json``'s content. ``eval_cfg`` is an
-    :class:`~fetalscan.evaluate.EvaluationConfig` (default: its defaults with ``cfg.seed``)."""
+@dataclass
+class CVResult:
+    """The tables of a cross-validation, as ``run_cv`` writes them into the run folder.
+
+    ``predictions`` (``predictions.csv``, out-of-fold, one row per image), ``patients``
+    (``patients.csv``), ``inner_val`` (``inner_val_predictions.csv``), ``folds``
+    (``folds.csv``: group -> fold), ``audit`` (``audit.json``) and ``metrics`` (the
+    first ``metrics.json``, before the evaluation adds CIs and the report's blocks).
+    """
+
+    predictions: pd.DataFrame
+    patients: pd.DataFrame
+    inner_val: pd.DataFrame
+    folds: pd.DataFrame
+    audit: dict
+    metrics: dict
+    classes: list[str]
+    out: Path | None = None
+
+
+def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path | None = None,
+           overwrite: bool = False) -> CVResult:
+    """Grouped cross-validation: out-of-fold predictions of every image, never seen by its fold's model.
+
+    With ``out`` the run folder is written (``predictions.csv``, ``patients.csv``,
+    ``inner_val_predictions.csv``, ``folds.csv``, ``audit.json``, ``metrics.json`` and
+    ``fold_models/``); the evaluation report is added by
+    :func:`fetalscan.report.runs.evaluate_run`. Without ``out`` nothing is written and
+    no fold model is kept.
+    """
     cfg.validate()
     cv.validate()
-    out = check_out_dir(out, overwrite)
+    out = check_out_dir(out, overwrite) if out is not None else None
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -296,7 +329,8 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, ov
     dataset, images, folds, audit = _load_and_audit(dataset, cfg, cv, out, final=False)
     backbone, emb = (embed_dataset(images, cfg, len(dataset.classes), device) if cfg.mode == "cached"
                      else (None, None))
-    on_fold, finish = _fold_model_saver(out, dataset, cfg, cv, len(folds))
+    on_fold, finish = (_fold_model_saver(out, dataset, cfg, cv, len(folds)) if out is not None
+                       else (None, lambda backbone=None: None))
     outputs = cross_validate_folds(dataset, images, folds, cfg, device, emb=emb, on_fold=on_fold)
     finish(backbone)
 
@@ -328,17 +362,15 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, ov
         "seconds": round(time.perf_counter() - t0, 2),
         "provenance": provenance(cfg.seed, dataset.data_hash(), device=str(device)),
     }
-    write_csv(out / "folds.csv", pd.DataFrame(
+    folds_table = pd.DataFrame(
         sorted({(r.group, o.fold.index) for o in outputs for r in (dataset.records[i] for i in o.fold.test)}),
-        columns=["group", "fold"]))
-    write_csv(out / "inner_val_predictions.csv", inner)
-    write_csv(out / "predictions.csv", preds)
-    write_csv(out / "patients.csv", patients)
-    write_json(out / "metrics.json", metrics)
-    from fetalscan.evaluation.config import EvaluationConfig
-    from fetalscan.report.runs import evaluate_run
-
-    return evaluate_run(out, eval_cfg or EvaluationConfig(seed=cfg.seed))
+        columns=["group", "fold"])
+    if out is not None:
+        write_csv(out / "folds.csv", folds_table)
+        write_csv(out / "inner_val_predictions.csv", inner)
+        write_prediction_files(out, preds, patients)
+        write_json(out / "metrics.json", metrics)
+    return CVResult(preds, patients, inner, folds_table, audit, metrics, list(classes), out)
 
 
 def _all_aggregations(preds: pd.DataFrame, classes: list[str], normal_class: str) -> dict:
@@ -350,14 +382,27 @@ def _all_aggregations(preds: pd.DataFrame, classes: list[str], normal_class: str
     return out
 
 
-def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False) -> dict:
-    """Train the final model on all data (inner split for early stopping) -> ``out/model.pt``."""
+@dataclass
+class FinalModel:
+    """A final model trained on all data, ready to predict and to be saved as one checkpoint."""
+
+    loaded: LoadedModel
+    inner_val: pd.DataFrame
+    audit: dict
+    summary: dict
+
+
+def fit_final(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path | None = None) -> FinalModel:
+    """Train the final model on all data, early-stopped on an inner split of its groups.
+
+    The classes follow the same rare-class policy as cross-validation (so the final
+    model has the classes CV evaluated); temperature and screening thresholds are
+    fitted on the inner-validation groups only. With ``out``, ``audit.json`` is written there.
+    """
     cfg.validate()
     cv.validate()
-    out = check_out_dir(out, overwrite)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    # the same class policy as cross-validation, so the final model has the classes CV evaluated
     dataset = apply_rare_class_policy(dataset, min_groups_required(cv.scheme, cv.folds), cv.rare_classes,
                                       cv.merged_name)
     dataset, images, folds, audit = _load_and_audit(dataset, cfg, cv, out, final=True)
@@ -374,11 +419,7 @@ def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path,
         model, fit = _train_fold(fold, y, images, None, cfg, n, device, cfg.seed)
         val_probs = _fold_probs(model, fold.inner_val, images, None, cfg, device)
     model.eval()
-    assert get_head(model) is not None
     val_df = predictions_frame([dataset.records[i] for i in fold.inner_val], val_probs, dataset.classes)
-    write_csv(out / "inner_val_predictions.csv", val_df)
-    from fetalscan.evaluation.calibration_analysis import final_model_calibration
-
     calibration = final_model_calibration(val_df, dataset.classes, normal_class=cv.normal_class,
                                           aggregate=cv.aggregate)
     prov = provenance(cfg.seed, dataset.data_hash(), device=str(device), data_source=dataset.source)
@@ -390,14 +431,23 @@ def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path,
         "data": dataset.summary(),
         "notes": dataset.notes,
     }
-    path = save_checkpoint(
-        out / "model.pt", model, classes=dataset.classes, architecture=architecture_of(cfg, n),
-        preprocessing=get_backbone_spec(cfg.backbone).preprocessing, training=training,
-        provenance=prov, class_map=_class_map(dataset), calibration=calibration,
-    )
-    summary = {"model": str(path), "classes": dataset.classes, "best_epoch": fit.best_epoch,
+    meta = {"training": training, "provenance": prov, "class_map": _class_map(dataset), "calibration": calibration}
+    loaded = LoadedModel(model, list(dataset.classes), get_backbone_spec(cfg.backbone).preprocessing,
+                         architecture_of(cfg, n), meta)
+    summary = {"classes": dataset.classes, "best_epoch": fit.best_epoch,
                "inner_val_loss": fit.best_val_loss, "epochs_run": fit.epochs_run,
                "audit_passed": audit["passed"], "notes": dataset.notes, "calibration": calibration,
                "provenance": prov}
+    return FinalModel(loaded, val_df, audit, summary)
+
+
+def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False) -> dict:
+    """Train the final model on all data (:func:`fit_final`) and write ``out/model.pt``,
+    ``inner_val_predictions.csv``, ``audit.json`` and ``train.json``; returns the summary."""
+    out = check_out_dir(out, overwrite)
+    final = fit_final(dataset, cfg, cv, out)
+    write_csv(out / "inner_val_predictions.csv", final.inner_val)
+    path = save_loaded(out / "model.pt", final.loaded)
+    summary = {"model": str(path), **final.summary}
     write_json(out / "train.json", summary)
     return summary

@@ -1,0 +1,190 @@
+"""Head measurements of new images: segment, fit the ellipse, measure; overlays and ``measurements.csv``.
+
+:func:`predict_to_folder` is ``fetalscan biometry predict``: it loads a trained
+segmenter, reads the images (:func:`prediction_records`: an image, folder, DICOM,
+video, fetalscan manifest or HC18-style manifest) and calls
+:func:`measure_records`, which writes ``out/overlays/<n>_<name>.png`` per image and
+``out/measurements.csv``, and returns the rows with the warnings. Nothing here
+prints; images without a pixel size are measured in pixels (counted and warned),
+never in guessed millimetres.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fetalscan.errors import DataError, FetalscanError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BiometryPredictConfig:
+    """How images are measured; the CLI maps its flags 1:1 onto these fields.
+
+    Attributes
+    ----------
+    pixel_size_mm : float or None
+        Millimetres per pixel for images that carry none (a manifest's
+        ``pixel_size_mm`` / ``pixel_spacing_mm`` or the DICOM calibration wins).
+    backend : str
+        ``auto`` (ONNX on CPU, PyTorch on CUDA), ``torch`` or ``onnx``.
+    every_nth : int
+        Keep every N-th frame of cine DICOM / video.
+    plane_check : bool
+        Also name the standard plane (SonoNet-16) and warn when it is not a brain
+        plane; the measurement is still made and reported.
+    """
+
+    pixel_size_mm: float | None = None
+    backend: str = "auto"
+    every_nth: int = 1
+    plane_check: bool = False
+
+    def validate(self) -> None:
+        if self.backend not in ("auto", "torch", "onnx"):
+            raise FetalscanError(f"backend must be 'auto', 'torch' or 'onnx', got {self.backend!r}")
+        if self.every_nth < 1:
+            raise FetalscanError(f"every_nth must be >= 1, got {self.every_nth}")
+        if self.pixel_size_mm is not None and not self.pixel_size_mm > 0:
+            raise DataError(f"the pixel size must be a positive number of mm per pixel, got {self.pixel_size_mm}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MeasuredImage:
+    """One measured image: its name, the measurement, the plane check and its ``measurements.csv`` row."""
+
+    image_id: str
+    measurement: object  # fetalscan.biometry.geometry.HeadMeasurement
+    plane: dict  # {} without the plane check, else plane, plane_confidence, brain_plane
+    row: dict
+
+    def summary(self) -> str:
+        """One line: ``HC 175.2 mm, BPD ... [plane: Brain (Tv.) 0.98]``."""
+        text = self.measurement.summary()  # type: ignore[attr-defined]
+        if self.plane:
+            text += f" [plane: {self.plane['plane']} {self.plane['plane_confidence']:.2f}]"
+        return text
+
+
+@dataclass
+class BiometryPrediction:
+    """What :func:`measure_records` produced and wrote."""
+
+    images: list[MeasuredImage]
+    out: Path
+    n_missing_pixel_size: int = 0
+    n_off_plane: int = 0
+    warnings: list[str] = field(default_factory=list)  # run-level warnings (per-image ones are in the rows)
+
+    @property
+    def rows(self) -> list[dict]:
+        return [m.row for m in self.images]
+
+
+def record_pixel_size(record, default: float | None = None) -> float | None:
+    """A record's pixel size (mm): its ``pixel_spacing_mm`` (manifest / DICOM), else a ``pixel_size_mm``
+    manifest column, else ``default``."""
+    value = record.pixel_spacing_mm
+    if value is None:
+        raw = (record.extra or {}).get("pixel_size_mm", "")
+        if raw not in ("", None):
+            try:
+                value = float(raw)
+            except ValueError:
+                raise DataError(f"{record.where()}, field 'pixel_size_mm': not a number: {raw!r}; give mm per "
+                                "pixel or leave it empty") from None
+    return value if value is not None else default
+
+
+def prediction_records(data: str | Path, every_nth: int = 1) -> list:
+    """Records of an image / folder / DICOM / video / manifest; an HC18 manifest (``image`` column) is accepted."""
+    import csv
+
+    from fetalscan.data.hc18 import load_biometry_manifest
+    from fetalscan.data.records import Record, load_dataset
+
+    data = Path(data)
+    if data.suffix.lower() == ".csv" and data.is_file():
+        with open(data, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+        if "image" in header and "path" not in header:
+            items = load_biometry_manifest(data, require_masks=False)
+            return [Record(it.image, None, it.exam, it.name, pixel_spacing_mm=it.pixel_size_mm,
+                           source_row=it.line) for it in items]
+    return load_dataset(data, require_labels=False, every_nth=every_nth).records
+
+
+def measure_records(segmenter, records: Sequence, cfg: BiometryPredictConfig, out: Path,
+                    device=None) -> BiometryPrediction:
+    """Measure every record with ``segmenter``; write ``out/overlays/*.png`` and ``out/measurements.csv``.
+
+    ``out`` must exist (see :func:`fetalscan.fileio.prepare_out_dir`). Rows hold the
+    image id, path, frame, the measurement columns
+    (:meth:`~fetalscan.biometry.geometry.HeadMeasurement.to_row`), the plane columns
+    with ``cfg.plane_check`` and the overlay path relative to ``out``.
+    """
+    import pandas as pd
+
+    from fetalscan.biometry.geometry import save_overlay
+    from fetalscan.data.records import iter_record_images
+    from fetalscan.fileio import write_csv
+    from fetalscan.progress import track
+
+    out = Path(out)
+    images: list[MeasuredImage] = []
+    missing_ps, off_plane = 0, 0
+    for i, image in track(iter_record_images(records), "measuring", total=len(records)):
+        r = records[i]
+        ps = record_pixel_size(r, cfg.pixel_size_mm)
+        missing_ps += ps is None
+        m = segmenter.measure(image, ps, where=r.image_id)
+        plane = {}
+        if cfg.plane_check:
+            from fetalscan.quality.planes import classify_planes
+
+            (pr,) = classify_planes([image], device)
+            plane = {"plane": pr.plane, "plane_confidence": pr.confidence, "brain_plane": pr.is_brain}
+            if not pr.is_brain:
+                off_plane += 1
+                m.warnings.append(f"{r.image_id}: SonoNet reads the plane as {pr.plane} ({pr.confidence:.2f}), "
+                                  "not a brain plane; HC is defined on the transventricular plane")
+        stem = Path(r.name).stem + (f"_frame{r.frame}" if r.frame is not None else "")
+        overlay = out / "overlays" / f"{i:05d}_{stem}.png"
+        save_overlay(overlay, image, m)
+        row = {"image": r.image_id, "path": str(r.path), "frame": r.frame, **m.to_row(), **plane,
+               "overlay": str(overlay.relative_to(out))}
+        images.append(MeasuredImage(r.image_id, m, plane, row))
+    write_csv(out / "measurements.csv", pd.DataFrame([m.row for m in images]))
+    warnings = []
+    if off_plane:
+        warnings.append(f"{off_plane} image(s) are not read as a brain plane by SonoNet-16; check their overlays "
+                        "(see the 'plane' column)")
+    if missing_ps:
+        warnings.append(f"{missing_ps} image(s) without a pixel size: their HC/BPD/OFD are in pixels and no "
+                        "gestational age is given (give mm per pixel in a pixel_size_mm manifest column or as the "
+                        "pixel_size_mm setting, --pixel-size on the command line)")
+    return BiometryPrediction(images, out, missing_ps, off_plane, warnings)
+
+
+def predict_to_folder(model_path: str | Path, data: str | Path, out: str | Path,
+                      cfg: BiometryPredictConfig | None = None, *, overwrite: bool = False,
+                      device: str = "auto") -> BiometryPrediction:
+    """Load the segmenter, read the images, and measure them into ``out`` (see :func:`measure_records`)."""
+    from fetalscan.biometry.segmenter import HeadSegmenter
+    from fetalscan.fileio import prepare_out_dir
+    from fetalscan.runtime import resolve_device
+
+    cfg = cfg or BiometryPredictConfig()
+    cfg.validate()
+    dev = resolve_device(device)
+    seg = HeadSegmenter.load(model_path, dev, cfg.backend)
+    records = prediction_records(data, cfg.every_nth)
+    out = prepare_out_dir(out, overwrite)
+    return measure_records(seg, records, cfg, out, dev)
