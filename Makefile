@@ -23,6 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# make serve: install, make the demo model if it is missing, start the web service on
+# http://127.0.0.1:8000 (the access token is printed once; FETALSCAN_TOKEN sets your own).
+# Extra flags: make serve SERVE_ARGS="--port 8080 --biometry-model runs/biometry/model.pt"
+.PHONY: serve
+serve: $(STAMP)
+	@test -f runs/demo/model.pt || $(BIN)/fetalscan demo
+	$(BIN)/fetalscan serve $(SERVE_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/biometry_speed.py
 	$(BIN)/python benchmarks/explain_speed.py

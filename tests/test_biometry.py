@@ -276,30 +276,75 @@ def test_ellipse_fit_on_reference_masks_reproduces_the_reference_hc(hc18):
     assert np.abs(rel).mean() < 0.003
 
 
-def test_training_on_a_small_hc18_subset_lowers_the_loss_and_beats_a_trivial_baseline(hc18):
+# The small training run below is reproducible and far from its pass/fail edges: every generator is
+# seeded, torch runs on one thread with deterministic kernels (restored afterwards; 2 threads already
+# give another trajectory), and 25 epochs instead of 10 let the one-cycle schedule settle, so the kept
+# (best inner-validation) epoch is a trained one. Measured on 2 cores, torch 2.14, seeds 0-7:
+#   train loss last/first 0.16-0.23; validation Dice 0.78-0.88 (seed 0: 0.82) against 0.55 for the
+#   average training mask; Dice with the image's own mask minus Dice with the other images' masks 0.23-0.36.
+# Broken training fails: lr 0 or an optimizer that never steps -> loss ratio 0.995, Dice 0.06 (every check);
+# masks shuffled between images (the net can only learn where heads usually are) -> loss ratio 0.48 and
+# Dice 0.71-0.73, but own-minus-other 0.08-0.10. (The old 10-epoch set-up: Dice 0.73-0.81 here, 0.43
+# on a fresh install elsewhere.)
+SMALL_FIT = dict(input_height=64, input_width=96, epochs=25, batch_size=4, lr=3e-3, patience=100,
+                 decoder_channels="16,16,8,8,8", device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_fit(hc18):
+    """A tiny U-Net trained once, deterministically, on 36 HC18 images; 12 images of other exams validate it.
+
+    Returns ``(model, cfg, train, val, fit)``; the model holds the kept (best inner-validation) epoch.
+    """
+    import random
+
     import torch
 
-    from fetalscan.biometry.training import fit_segmenter, predict_low_res
+    from fetalscan.biometry.training import fit_segmenter
 
     items = load_biometry_manifest(hc18)
     items = [it for it in items if it.exam < "200"][:48]
-    cfg = BiometryTrainConfig(input_height=64, input_width=96, epochs=10, batch_size=4, lr=3e-3, patience=50,
-                              decoder_channels="16,16,8,8,8", device="cpu")
+    cfg = BiometryTrainConfig(**SMALL_FIT)
     data = prepare_set(items, cfg.segmenter())
     train, val = data.subset(range(36)), data.subset(range(36, 48))
     assert not {it.exam for it in train.items} & {it.exam for it in val.items}
-    torch.manual_seed(0)
-    model = build_segmenter(cfg.segmenter())
-    fit = fit_segmenter(model, train, val, cfg, torch.device("cpu"), seed=0)
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.set_num_threads(1)  # the summation order no longer depends on the machine's core count
+        torch.use_deterministic_algorithms(True)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = build_segmenter(cfg.segmenter())
+        fit = fit_segmenter(model, train, val, cfg, torch.device("cpu"), seed=cfg.seed)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    return model, cfg, train, val, fit
+
+
+@pytest.mark.slow
+def test_training_on_a_small_hc18_subset_lowers_the_loss_and_beats_a_trivial_baseline(small_fit):
+    import torch
+
+    from fetalscan.biometry.training import predict_low_res
+
+    model, cfg, train, val, fit = small_fit
     losses = [h["train_loss"] for h in fit.history]
-    assert losses[-1] < 0.6 * losses[0]
+    assert len(losses) == cfg.epochs  # patience never stops this run early
+    assert losses[-1] < 0.5 * losses[0], [round(v, 3) for v in losses]
     pre = cfg.segmenter().preprocessing()
     pred = predict_low_res(model, val.images, pre, torch.device("cpu")) > 0
     truth = val.masks[:, 0].numpy() > 127
     baseline = (train.masks[:, 0].float().mean(0).numpy() > 127)  # the average training mask
     ours = np.mean([dice(p, t) for p, t in zip(pred, truth)])
     trivial = np.mean([dice(baseline, t) for t in truth])
-    assert ours > trivial + 0.05, f"Dice {ours:.3f} vs average-mask baseline {trivial:.3f}"
+    assert ours > 0.7 and ours > trivial + 0.1, f"Dice {ours:.3f} vs average-mask baseline {trivial:.3f}"
+    # the segmentation follows the image: another image's mask fits a prediction far worse than its own
+    others = np.mean([dice(p, t) for i, p in enumerate(pred) for j, t in enumerate(truth) if i != j])
+    assert ours - others > 0.15, f"Dice {ours:.3f} with the image's own mask, {others:.3f} with other images' masks"
 
 
 # --------------------------------------------------------------------------- command line
@@ -339,6 +384,7 @@ def trained(hc18_small, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_segmenter_with_its_split(trained):
     blob = read_segmenter_checkpoint(trained / "model.pt")
     assert blob["format"] == "fetalscan-segmenter" and "axis_offset_px" in blob["calibration"]
@@ -351,35 +397,75 @@ def test_train_writes_a_loadable_segmenter_with_its_split(trained):
     assert summary["fit"]["epochs_run"] == 2
 
 
-def test_predict_writes_overlay_and_measurements(trained, hc18_small, tmp_path, capsys):
+@pytest.mark.slow
+def test_predict_writes_overlay_and_measurements(small_fit, tmp_path, capsys):
+    """`biometry predict` with the segmenter trained above finds and measures the 12 validation heads."""
     from PIL import Image
 
     from fetalscan.cli import main
+    from fetalscan.models.segmenters import save_segmenter
 
-    with open(hc18_small) as fh:
-        first = next(csv.DictReader(fh))
-    out = tmp_path / "pred"
-    assert main(["biometry", "predict", "--model", str(trained / "model.pt"), "--data", first["image"],
-                 "--out", str(out), "--pixel-size", first["pixel_size_mm"], "--device", "cpu", "--plane-check"]) == 0
+    model, cfg, _, val, fit = small_fit
+    ckpt = save_segmenter(tmp_path / "model.pt", model, cfg.segmenter(), calibration=fit.calibration)
+    manifest = tmp_path / "val.csv"  # an HC18-style manifest: the pixel size comes from each row
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "exam", "pixel_size_mm"])
+        w.writerows([str(it.image), it.exam, repr(it.pixel_size_mm)] for it in val.items)
+    out = tmp_path / "pred_all"
+    assert main(["biometry", "predict", "--model", str(ckpt), "--data", str(manifest), "--out", str(out),
+                 "--device", "cpu"]) == 0
     with open(out / "measurements.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12
+    statuses = [r["status"] for r in rows]
+    # every head is found; "check" (measured, but the region is not elliptical: no GA) stays a minority
+    # (measured, seed 0: 9 ok, 3 check; the 2-epoch model of `trained` found no head in the images tried)
+    assert set(statuses) <= {"ok", "check"} and statuses.count("ok") >= 6, statuses
+    ref = np.array([it.hc_mm for it in val.items])
+    hc = np.array([float(r["hc_mm"]) for r in rows])
+    rel = np.abs(hc / ref - 1)
+    # measured (seed 0): median |HC error| 5 %, worst 26 %
+    assert np.median(rel) < 0.15 and rel.max() < 0.6, np.round(rel, 3)
+    for r, it in zip(rows, val.items):
+        assert r["unit"] == "mm" and float(r["pixel_size_mm"]) == pytest.approx(it.pixel_size_mm)
+        assert float(r["hc_px"]) * it.pixel_size_mm == pytest.approx(float(r["hc_mm"]), rel=1e-6)
+        assert 0 < float(r["bpd_mm"]) <= float(r["ofd_mm"]) < float(r["hc_mm"])
+        ga = hadlock_ga(float(r["hc_mm"]))
+        if r["status"] == "ok" and ga.weeks is not None:
+            assert float(r["ga_weeks"]) == pytest.approx(ga.weeks)
+        else:
+            assert r["ga_weeks"] == ""
+        assert (out / r["overlay"]).is_file()
+
+    # one file with --pixel-size and the plane check gives that image's row again, plus the plane columns
+    first, row_all = val.items[0], rows[0]
+    out1 = tmp_path / "pred"
+    assert main(["biometry", "predict", "--model", str(ckpt), "--data", str(first.image), "--out", str(out1),
+                 "--pixel-size", repr(first.pixel_size_mm), "--device", "cpu", "--plane-check"]) == 0
+    with open(out1 / "measurements.csv") as fh:
         (row,) = list(csv.DictReader(fh))
     for col in ("hc_mm", "bpd_mm", "ofd_mm", "ga_weeks", "status", "overlay", "plane", "plane_confidence"):
         assert col in row
-    assert row["status"] in ("ok", "no_head")
-    if row["status"] == "ok":
-        assert float(row["hc_mm"]) > 0 and row["unit"] == "mm"
-    overlay = np.asarray(Image.open(out / row["overlay"]))
+    assert row["status"] == row_all["status"]
+    assert float(row["hc_mm"]) == pytest.approx(float(row_all["hc_mm"]), rel=1e-6)
+    assert 0.0 <= float(row["plane_confidence"]) <= 1.0
+    overlay = np.asarray(Image.open(out1 / row["overlay"]))
     assert overlay.shape[:2] == (540, 800)
-    # without a pixel size: pixels and a warning, never mm
+    # without a pixel size: the same head in pixels and a warning, never mm
     out2 = tmp_path / "pred_px"
-    assert main(["biometry", "predict", "--model", str(trained / "model.pt"), "--data", first["image"],
-                 "--out", str(out2), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["biometry", "predict", "--model", str(ckpt), "--data", str(first.image), "--out", str(out2),
+                 "--device", "cpu"]) == 0
     with open(out2 / "measurements.csv") as fh:
         (row,) = list(csv.DictReader(fh))
+    assert row["status"] == row_all["status"] and row["unit"] == "px"
     assert row["hc_mm"] == "" and row["ga_weeks"] == ""
+    assert float(row["hc_px"]) == pytest.approx(float(row_all["hc_px"]), rel=1e-6)
     assert "without a pixel size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_held_out_exams_and_refuses_training_images(trained, hc18_small, tmp_path, capsys):
     from fetalscan.cli import main
 
@@ -390,7 +476,9 @@ def test_evaluate_scores_the_held_out_exams_and_refuses_training_images(trained,
     for key in ("dice_mean", "hausdorff_mm_mean", "hc_abs_diff_mm_mean", "hc_abs_diff_mm_sd", "disclaimer"):
         assert key in m
     assert sum(b["n_images"] for b in m["by_reference_hc"]) == m["n_images"]
-    assert (out / "biometry_images.csv").is_file() and (out / "bland_altman.png").is_file()
+    assert (out / "biometry_images.csv").is_file()
+    # a Bland-Altman plot only when some head was measured (this 2-epoch segmenter may find none)
+    assert (out / "bland_altman.png").is_file() == bool(m["hc_abs_diff_mm_n"])
     assert "supports, and never replaces" in (out / "report.html").read_text()
     printed = capsys.readouterr().out
     assert "Dice" in printed and "HC difference" in printed
@@ -399,6 +487,7 @@ def test_evaluate_scores_the_held_out_exams_and_refuses_training_images(trained,
     assert "were used to train" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_without_a_model_runs_grouped_cross_validation(hc18_small, tmp_path, capsys):
     from fetalscan.cli import main
 
@@ -417,6 +506,7 @@ def test_evaluate_without_a_model_runs_grouped_cross_validation(hc18_small, tmp_
     assert {r["fold"] for r in rows} == {"0", "1"}
 
 
+@pytest.mark.slow
 def test_segmenter_backends_agree(trained):
     torch_seg = HeadSegmenter.load(trained / "model.pt", backend="torch")
     onnx_seg = HeadSegmenter.load(trained / "model.pt", backend="onnx")

@@ -31,6 +31,7 @@ def test_help_everywhere_and_fast_import() -> None:
     assert done.stdout.strip() == "False"  # --help does not import torch
 
 
+@pytest.mark.slow
 def test_cv_writes_the_run_folder(tmp_path: Path, toy_manifest, capsys) -> None:
     m = toy_manifest(groups=5, per_group=2)
     out = tmp_path / "run"
@@ -72,7 +73,14 @@ def test_corrupt_image_fails_cleanly_without_outputs(tmp_path: Path, toy_manifes
     out = tmp_path / "run"
     code, _, err = _run(capsys, "cv", "--data", m, "--out", out)
     assert code == 2
-    assert err.count("\n") == 1 and "error:" in err and "normal_2_0.png" in err and "manifest line" in err
+    # one error line; the only other lines allowed are plain progress lines ("reading images: 3/10 (6 s)"),
+    # which stderr that is not a terminal gets when a loop runs longer than a few seconds (a busy machine)
+    import re
+
+    lines = err.splitlines()
+    errors = [line for line in lines if not re.fullmatch(r"[\w ,./()-]+: \d+(/\d+)? \(\d+ s\)", line)]
+    assert len(errors) == 1, err
+    assert "error:" in errors[0] and "normal_2_0.png" in errors[0] and "manifest line" in errors[0], err
     assert not out.exists()  # nothing was created
 
 
@@ -99,6 +107,7 @@ def test_bad_manifests_exit_2_with_a_named_cause(tmp_path: Path, capsys, problem
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_train_then_predict_on_folder_and_single_file(tmp_path: Path, toy_manifest, capsys) -> None:
     m = toy_manifest(groups=5, per_group=2)
     code, out, err = _run(capsys, "train", "--data", m, "--out", tmp_path / "model")
@@ -130,6 +139,7 @@ def test_predict_with_a_foreign_checkpoint_exits_2(tmp_path: Path, capsys) -> No
     assert code == 2 and "not a fetalscan classifier checkpoint" in err
 
 
+@pytest.mark.slow
 def test_demo_runs_on_the_embedded_sample(tmp_path: Path, capsys) -> None:
     code, out, err = _run(capsys, "demo", "--out", tmp_path / "demo")
     assert code == 0, err
@@ -140,6 +150,7 @@ def test_demo_runs_on_the_embedded_sample(tmp_path: Path, capsys) -> None:
     assert "different source" in out
 
 
+@pytest.mark.slow
 def test_issue_done_command_on_the_shared_fetal_brain(fetal_brain: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "brain"
     code, stdout, err = _run(capsys, "cv", "--data", fetal_brain, "--folds", "5", "--backbone", "sononet16",
@@ -147,10 +158,17 @@ def test_issue_done_command_on_the_shared_fetal_brain(fetal_brain: Path, tmp_pat
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["image_level"]["n"] == 166 and metrics["patient_level"]["n"] == 64
-    assert 0.5 < metrics["patient_level"]["macro_auroc"] <= 1.0
+    # measured on 2 cores (seed 0, frozen SonoNet-16 features + logistic regression): patient-level macro AUROC
+    # 0.873 (bootstrap 95 % CI 0.81-0.93), normal-vs-abnormal 0.939, image-level macro 0.828. The bounds are
+    # those values minus ~0.07 (about the CI's lower end), far above chance (0.5)
+    patient, image = metrics["patient_level"], metrics["image_level"]
+    assert patient["macro_auroc"] > 0.80, patient["macro_auroc"]
+    assert patient["per_class"]["normal"]["auroc"] > 0.87, patient["per_class"]["normal"]["auroc"]
+    assert image["macro_auroc"] > 0.75, image["macro_auroc"]
     assert json.loads((out / "audit.json").read_text())["passed"] is True
 
 
+@pytest.mark.slow
 def test_cv_saves_fold_models_that_reproduce_the_out_of_fold_predictions(tmp_path: Path, toy_manifest, capsys) -> None:
     import numpy as np
     import torch
@@ -175,6 +193,7 @@ def test_cv_saves_fold_models_that_reproduce_the_out_of_fold_predictions(tmp_pat
         assert np.allclose(probs, rows[[f"p_{c}" for c in loaded.classes]].to_numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_plane_check_flags_but_keeps_images_off_the_brain_planes(
     tmp_path: Path, toy_manifest, sononet_examples: Path, capsys
 ) -> None:

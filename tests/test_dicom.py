@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -31,7 +32,7 @@ from fetalscan.data.dicom import (
 )
 from fetalscan.errors import FetalscanError, ImageReadError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = SHARED / "data"  # honours FETALSCAN_SHARED, like every other test (tests/conftest.py)
 HC18_IMAGE = SHARED_DATA / "hc18" / "images" / "000_HC.png"
 BRAIN_DIR = SHARED_DATA / "fetal_brain" / "normal"
 

@@ -40,7 +40,13 @@ def test_names_at_least_12_of_the_13_example_planes(example_files):
     for r in results:
         assert r.crop == "voluson_e8"
         assert abs(sum(r.probabilities.values()) - 1.0) < 1e-4
-        assert r.confidence == max(r.probabilities.values())
+    # SonoNet-16 is confident on its own published examples (measured: 11 of 13 at >= 0.90, median 0.999;
+    # 3VV 0.52 and Lips 0.63 are the unsure ones) and unsure on noise (measured: 0.26-0.35 for 5 seeds)
+    confidences = {f.stem: round(r.confidence, 3) for f, r in zip(example_files, results)}
+    assert sum(c >= 0.9 for c in confidences.values()) >= 10 and np.median(list(confidences.values())) >= 0.95, \
+        confidences
+    (noise,) = classify_planes([np.random.default_rng(0).integers(0, 255, size=(224, 288, 3), dtype=np.uint8)])
+    assert noise.confidence < 0.6, (noise.plane, noise.confidence)
 
 
 def test_cropping_the_scanner_frame_is_not_worse_than_the_whole_screen(example_files):

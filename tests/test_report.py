@@ -108,6 +108,7 @@ def test_report_renders_every_section_self_contained(tmp_path):
     assert f"{pat['macro_auroc']:.3f}" in html and fmt_ci(pat["ci"]["macro_auroc"]["bootstrap"]) in html
 
 
+@pytest.mark.slow
 def test_report_without_explain_files_says_how_to_make_them(tmp_path):
     run = make_cv_run(tmp_path, with_images=False)
     assert main(["report", str(run), "--n-boot", "50", "--n-perm", "50", "--no-shortcut"]) == 0
@@ -133,6 +134,7 @@ def test_formatting_helpers():
 # --------------------------------------------------------------------------- external validation
 
 
+@pytest.mark.slow
 def test_external_validation_writes_the_same_report(tmp_path):
     """A checkpoint with a stored temperature and screening thresholds, scored on another manifest."""
     import torch
@@ -203,6 +205,7 @@ def test_external_validation_refuses_data_without_any_model_class(tmp_path):
 
 
 @pytest.mark.shared
+@pytest.mark.slow
 def test_fetal_brain_report_warns_that_source_separates_normal_from_abnormal(fetal_brain, tmp_path):
     """On the shared fetal_brain data the normals come from another source: the report must say so.
 

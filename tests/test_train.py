@@ -38,6 +38,7 @@ def tiny_real(fetal_brain: Path):
     return sub, images, pre
 
 
+@pytest.mark.slow
 def test_finetuning_lowers_the_training_loss(tiny_real) -> None:
     ds, images, pre = tiny_real
     y = ds.y
@@ -68,6 +69,7 @@ def test_cached_head_learns_and_stops_on_validation(tiny_real) -> None:
     assert fit.best_val_loss == fit.history[fit.best_epoch - 1]["val_loss"]
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_for_a_seed(tiny_real) -> None:
     ds, images, pre = tiny_real
     y = ds.y

@@ -97,7 +97,8 @@ class Classifier:
 
     # ------------------------------------------------------------------ training
     def fit(self, dataset: Dataset | str | Path) -> Classifier:
-        """Train on all of ``dataset`` (inner split of its groups for early stopping and calibration)."""
+        """Train on all of ``dataset``: C (or the epoch count) chosen by an inner grouped CV over its groups,
+        then refitted on all of them (or the inner-fold models kept as an ensemble, ``ensemble=k``)."""
         final = fit_final(_as_dataset(dataset, require_labels=True), self.config, self.cv_config)
         self.model_, self.summary_ = final.loaded, final.summary
         return self
@@ -142,7 +143,7 @@ class Classifier:
         config = ((loaded.meta.get("training") or {}).get("config") or {})
         clf = cls(backbone=arch["backbone"], pretrained="none", mode=arch["mode"], head=arch["head"],
                   head_hidden=int(arch["head_hidden"]), drop_rate=float(arch["drop_rate"]),
-                  seed=int(config.get("seed", 0)), device=device)
+                  ensemble=int(arch.get("ensemble") or 0), seed=int(config.get("seed", 0)), device=device)
         clf.model_ = loaded
         return clf
 

@@ -8,6 +8,7 @@ an interrupted or failed run never leaves a half-written or overwritten file.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -101,8 +102,61 @@ def write_csv(path: str | Path, frame: Any) -> Path:
     return Path(path)
 
 
+#: Written into an output folder when a command starts writing there, removed when it finishes: a
+#: folder that still holds it was left by a run that was interrupted (Ctrl-C) or failed.
+UNFINISHED_MARKER = ".fetalscan-incomplete"
+
+_RUN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fetalscan_unfinished_run", default=None)
+
+
+@contextlib.contextmanager
+def unfinished_marker(command: str) -> Iterator[dict]:
+    """Mark the output folders of a command as unfinished until it returns (the CLI wraps every command).
+
+    Inside the block, :func:`prepare_out_dir` writes :data:`UNFINISHED_MARKER` (the
+    command line and the start time) into each folder it prepares; when the block
+    ends normally the markers are removed. An exception or Ctrl-C leaves them, so a
+    re-run into the same folder can say what is there (:func:`check_out_dir`).
+    """
+    run = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "pid": os.getpid(), "folders": []}
+    token = _RUN.set(run)
+    try:
+        yield run
+        for folder in run["folders"]:
+            with contextlib.suppress(OSError):
+                (folder / UNFINISHED_MARKER).unlink()
+    finally:
+        _RUN.reset(token)
+
+
+def _own_marker(marker: Path) -> bool:
+    """Whether ``marker`` was written by the run in progress (not by an earlier, unfinished one)."""
+    run = _RUN.get()
+    return run is not None and any(marker.parent.resolve() == f.resolve() for f in run["folders"])
+
+
+def describe_unfinished(out: Path) -> str:
+    """What an unfinished run left in ``out`` and how to go on (the message of a refused re-run)."""
+    marker = out / UNFINISHED_MARKER
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    left = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != UNFINISHED_MARKER)
+    shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    command = info.get("command") or "an earlier fetalscan command"
+    when = f" (started {info['started']})" if info.get("started") else ""
+    return (f"output folder {out} holds an unfinished run: `{command}`{when} was interrupted or failed before it "
+            f"finished, and left {len(left)} file(s)" + (f": {shown}" if left else "") + ". Those files are complete "
+            "(each is written whole or not at all) but the set is not, and fetalscan cannot resume this run. Start "
+            "over by running the same command with --overwrite (overwrite=True in Python; its files are replaced), "
+            "or choose another output folder")
+
+
 def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an ``out`` that is a file, or a non-empty folder without ``overwrite``.
+    """Refuse an ``out`` that is a file, a folder left by an unfinished run, or a non-empty folder,
+    unless ``overwrite``.
 
     Creates nothing, so a run that fails on its input leaves no trace; call it
     before any work and :func:`prepare_out_dir` right before the first write.
@@ -110,7 +164,15 @@ def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output folder {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or overwrite:
+        return out
+    marker = out / UNFINISHED_MARKER
+    others = [p for p in out.iterdir() if p.name != UNFINISHED_MARKER]
+    if marker.is_file() and not _own_marker(marker):
+        if not others:  # the unfinished run wrote nothing: nothing to lose, nothing to explain
+            return out
+        raise OutputError(describe_unfinished(out))
+    if others and not marker.is_file():
         raise OutputError(
             f"output folder {out} is not empty; choose another folder or allow overwriting (--overwrite) "
             "to replace its files"
@@ -122,10 +184,16 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Make sure ``out`` can receive a run's files (see :func:`check_out_dir`), creating it.
 
     With ``overwrite`` the files of an existing folder are replaced one by one
-    (atomically) as the run writes them; nothing is deleted up front.
+    (atomically) as the run writes them; nothing is deleted up front. Inside
+    :func:`unfinished_marker` (every CLI command) the folder is marked unfinished
+    until the command returns.
     """
     out = check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    run = _RUN.get()
+    if run is not None and not any(out.resolve() == f.resolve() for f in run["folders"]):
+        write_text(out / UNFINISHED_MARKER, json.dumps({k: run[k] for k in ("command", "started", "pid")}) + "\n")
+        run["folders"].append(out)
     return out
 
 

@@ -100,6 +100,11 @@ def stratified_group_kfold(
     short = deficient_classes(labels, groups, n_splits)
     if short:
         raise SplitError(_deficient_message(short, n_splits, "kfold"))
+    return _deal_groups(labels, groups, n_splits, seed)
+
+
+def _deal_groups(labels: Sequence[str], groups: Sequence[str], n_splits: int, seed: int) -> list[np.ndarray]:
+    """Deal each class's shuffled groups to the least-loaded folds in turn (seeded)."""
     by_class: dict[str, list[str]] = defaultdict(list)
     for g, c in sorted(group_labels(labels, groups).items()):
         by_class[c].append(g)
@@ -116,6 +121,24 @@ def stratified_group_kfold(
             load[k] += 1
     fold_idx = np.array([fold_of[g] for g in groups])
     return [np.flatnonzero(fold_idx == k) for k in range(n_splits)]
+
+
+def inner_group_folds(
+    labels: Sequence[str], groups: Sequence[str], n_splits: int, seed: int = 0
+) -> list[np.ndarray]:
+    """Held-out indices of an *inner* grouped k-fold over a fold's training records.
+
+    Used to choose a head's regularisation (or epoch count) on the training groups
+    only. The groups are dealt as in :func:`stratified_group_kfold`, but a class with
+    fewer groups than folds is allowed (it is missing from some held-out folds), and
+    the number of folds is capped at the number of groups. Indices are positions in
+    ``labels`` / ``groups`` (i.e. relative to the training records passed in).
+    """
+    n_groups = len(set(groups))
+    k = min(int(n_splits), n_groups)
+    if k < 2:
+        raise SplitError(f"an inner grouped CV needs at least 2 training groups; got {n_groups}")
+    return [f for f in _deal_groups(labels, groups, k, seed) if len(f)]
 
 
 def leave_one_group_out(labels: Sequence[str], groups: Sequence[str]) -> list[np.ndarray]:

@@ -35,6 +35,10 @@ Conventions
   segmenter carries a calibrated ``axis_offset_px`` (added to both semi-axes
   before measuring), estimated on its inner-validation images only; the plain
   geometry functions default to no offset.
+- **"Check".** A head region that is not elliptical (IoU with its fitted ellipse
+  below :data:`MIN_FIT_IOU`) is measured, but the result has ``status == "check"``:
+  the ellipse, and so HC, may be wrong. No gestational age is given for it, and the
+  summary line and the overlay say why.
 - **"No head found".** An empty mask, a largest region smaller than
   ``min_area_fraction`` of the image, or a mask whose largest region holds less
   than ``min_dominance`` (default 80 %) of the foreground pixels (several blobs of
@@ -338,11 +342,16 @@ def _region_ellipse_iou(contour: np.ndarray, shape: tuple[int, int], box: tuple[
     return np.count_nonzero(filled & region) / union if union else float("nan")
 
 
+#: Below this IoU between the head region and its fitted ellipse the region is "not elliptical":
+#: the result is measured but flagged ``check`` and gets no gestational age.
+MIN_FIT_IOU = 0.85
+
+
 @dataclass
 class HeadMeasurement:
     """HC, BPD and OFD of one image, in mm (or pixels when the pixel size is unknown)."""
 
-    status: str  # "ok" or "no_head"
+    status: str  # "ok", "check" (measured, but the fit is doubtful: no GA) or "no_head"
     unit: str  # "mm" or "px"
     hc: float | None = None
     bpd: float | None = None
@@ -355,7 +364,13 @@ class HeadMeasurement:
 
     @property
     def found(self) -> bool:
-        return self.status == "ok"
+        """A head was found and measured (``ok``, or ``check`` when the fit is doubtful)."""
+        return self.status in ("ok", "check")
+
+    @property
+    def check_reason(self) -> str:
+        """Why a ``check`` result is doubtful ("" otherwise)."""
+        return self.ga.note if self.status == "check" else ""
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict for CSV output: ``hc_mm, bpd_mm, ofd_mm`` or ``hc_px ...`` columns."""
@@ -370,6 +385,7 @@ class HeadMeasurement:
             "hc_px": self.hc if self.unit == "px" else (self.hc / self.pixel_size_mm if self.hc and self.pixel_size_mm else None),
             "ga_weeks": self.ga.weeks,
             "ga_2sd_weeks": self.ga.two_sd_weeks,
+            "ga_note": self.ga.note if self.ga.weeks is None else "",
             "ellipse_cx": e.cx if e else None,
             "ellipse_cy": e.cy if e else None,
             "ellipse_semi_major_px": e.semi_major if e else None,
@@ -387,6 +403,8 @@ class HeadMeasurement:
             return self.fit.reason if self.fit and self.fit.reason else "no head found"
         u = self.unit
         text = f"HC {self.hc:.1f} {u}, BPD {self.bpd:.1f} {u}, OFD {self.ofd:.1f} {u}"
+        if self.status == "check":
+            return f"{text}; CHECK: {self.check_reason}"
         if self.unit == "mm":
             text += f", GA {self.ga.text()}"
         return text
@@ -466,9 +484,12 @@ def measure_mask(
     result.fit = fit
     if fit.touches_border:
         result.warnings.append(f"{where}: the head touches the image border; the ellipse is extrapolated")
-    if fit.fit_iou < 0.85:
+    if fit.fit_iou < MIN_FIT_IOU:
         result.warnings.append(f"{where}: the head region is not elliptical (IoU with the fitted ellipse "
                                f"{fit.fit_iou:.2f}); check the overlay")
+        result.status = "check"
+        result.ga = GestationalAge(None, None, f"the head region is not elliptical (IoU {fit.fit_iou:.2f} with the "
+                                   "fitted ellipse), so HC may be wrong: no GA given; check the overlay")
     if fit.n_components > 1:
         result.warnings.append(f"{where}: {fit.n_components - 1} small extra region(s) ignored")
     return result
@@ -477,10 +498,14 @@ def measure_mask(
 def draw_overlay(image: np.ndarray, m: HeadMeasurement, *, color=(0, 255, 0)) -> np.ndarray:
     """The image (RGB uint8) with the fitted ellipse, the BPD / OFD axes and the values as text.
 
-    The ellipse is green, OFD (major axis) cyan, BPD (minor axis) yellow. When
+    The ellipse is green (orange for a ``check`` result, which also gets a red
+    "CHECK" line and no GA), OFD (major axis) cyan, BPD (minor axis) yellow. When
     no head was found the reason is written instead.
     """
     import cv2
+
+    if m.status == "check":
+        color = (255, 140, 0)
 
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
@@ -498,28 +523,47 @@ def draw_overlay(image: np.ndarray, m: HeadMeasurement, *, color=(0, 255, 0)) ->
         for (p0, p1), col in ((major, (0, 255, 255)), (minor, (255, 255, 0))):
             cv2.line(out, (int(round(p0[0] * f)), int(round(p0[1] * f))),
                      (int(round(p1[0] * f)), int(round(p1[1] * f))), col, thick, cv2.LINE_AA, shift)
-        u = m.unit
-        lines = [f"HC  {m.hc:.1f} {u}", f"BPD {m.bpd:.1f} {u} (outer-outer)", f"OFD {m.ofd:.1f} {u}"]
-        lines.append(f"GA  {m.ga.text()}" if u == "mm" else "pixel size unknown: no mm, no GA")
-    else:
-        lines = ["no head found", (m.fit.reason if m.fit else "")[:70]]
-    lines.append("supports, never replaces, the clinician")
-    _put_lines(out, lines, scale)
+    _put_lines(out, overlay_lines(m), scale)
     return out
 
 
-def _put_lines(out: np.ndarray, lines: Sequence[str], scale: float) -> None:
+#: Colour (RGB) of the overlay lines that flag a doubtful result.
+WARN_RGB = (255, 80, 80)
+
+
+def overlay_lines(m: HeadMeasurement) -> list[tuple[str, tuple[int, int, int]]]:
+    """The text lines of :func:`draw_overlay` with their colours (a ``check`` result leads with a red line)."""
+    white = (255, 255, 255)
+    if m.found:
+        u = m.unit
+        lines = []
+        if m.status == "check":
+            iou = f" (IoU {m.fit.fit_iou:.2f})" if m.fit is not None else ""
+            lines.append((f"CHECK: head region not elliptical{iou}", WARN_RGB))
+        lines += [(f"HC  {m.hc:.1f} {u}", white), (f"BPD {m.bpd:.1f} {u} (outer-outer)", white),
+                  (f"OFD {m.ofd:.1f} {u}", white)]
+        if m.status == "check":
+            lines.append(("GA  not given: HC may be wrong", WARN_RGB))
+        else:
+            lines.append((f"GA  {m.ga.text()}", white) if u == "mm" else ("pixel size unknown: no mm, no GA", white))
+    else:
+        lines = [("no head found", WARN_RGB), ((m.fit.reason if m.fit else "")[:70], white)]
+    lines.append(("supports, never replaces, the clinician", white))
+    return lines
+
+
+def _put_lines(out: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]], scale: float) -> None:
     import cv2
 
     font = cv2.FONT_HERSHEY_SIMPLEX
     fs = 0.55 * scale
     y = int(22 * scale)
-    for text in lines:
+    for text, colour in lines:
         if not text:
             continue
         (tw, th), base = cv2.getTextSize(text, font, fs, 1)
         cv2.rectangle(out, (4, y - th - 4), (10 + tw, y + base), (0, 0, 0), -1)
-        cv2.putText(out, text, (7, y), font, fs, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(out, text, (7, y), font, fs, colour, 1, cv2.LINE_AA)
         y += th + base + 8
 
 

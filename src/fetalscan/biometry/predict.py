@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fetalscan.errors import DataError, FetalscanError
+from fetalscan.texts import BIOMETRY_PLANE
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,47 @@ class BiometryPrediction:
     def rows(self) -> list[dict]:
         return [m.row for m in self.images]
 
+    def console_lines(self) -> list[tuple[str, bool]]:
+        """What the command line prints: ``(text, is_warning)``, one line per image, one per cine.
+
+        A single image gets its measurement line (a ``check`` result is a warning and
+        says why). The frames of one DICOM cine / video share one line: how many
+        frames were measured, the HC range, and how many need checking or had no head.
+        """
+        by_file: dict[str, list[MeasuredImage]] = {}
+        for m in self.images:
+            by_file.setdefault(str(m.row.get("path", m.image_id)), []).append(m)
+        lines: list[tuple[str, bool]] = []
+        for items in by_file.values():
+            if len(items) == 1 and items[0].row.get("frame") is None:
+                m = items[0]
+                lines.append((f"{m.image_id}: {m.summary()}", m.measurement.status == "check"))  # type: ignore[attr-defined]
+                continue
+            name = items[0].image_id.split("#")[0]
+            ms = [i.measurement for i in items]
+            found = [m for m in ms if m.found]  # type: ignore[attr-defined]
+            text = f"{name} ({len(items)} frames): "
+            if found:
+                hc = np.array([m.hc for m in found], dtype=float)  # type: ignore[attr-defined]
+                unit = found[0].unit  # type: ignore[attr-defined]
+                text += (f"head measured in {len(found)}, HC {hc.min():.1f}-{hc.max():.1f} {unit} "
+                         f"(median {np.median(hc):.1f})")
+            else:
+                text += "no head found in any frame"
+            n_check = sum(m.status == "check" for m in ms)  # type: ignore[attr-defined]
+            n_none = sum(m.status == "no_head" for m in ms)  # type: ignore[attr-defined]
+            if n_check:
+                first = next(m for m in ms if m.status == "check")  # type: ignore[attr-defined]
+                text += f"; CHECK {n_check} frame(s): {first.check_reason}"  # type: ignore[attr-defined]
+            if n_none and found:
+                text += f"; no head found in {n_none} frame(s)"
+            if not found:
+                first = next((m for m in ms if m.fit is not None and m.fit.reason), None)  # type: ignore[attr-defined]
+                if first is not None:
+                    text += f" ({first.fit.reason})"  # type: ignore[attr-defined]
+            lines.append((text + "; each frame in measurements.csv", bool(n_check)))
+        return lines
+
 
 def record_pixel_size(record, default: float | None = None) -> float | None:
     """A record's pixel size (mm): its ``pixel_spacing_mm`` (manifest / DICOM), else a ``pixel_size_mm``
@@ -104,7 +148,13 @@ def record_pixel_size(record, default: float | None = None) -> float | None:
 
 
 def prediction_records(data: str | Path, every_nth: int = 1) -> list:
-    """Records of an image / folder / DICOM / video / manifest; an HC18 manifest (``image`` column) is accepted."""
+    """Records of an image / folder / DICOM / video / manifest.
+
+    A manifest needs only an ``image`` (HC18 style) or ``path`` column; ``exam`` /
+    ``group`` (default: each image its own), ``pixel_size_mm`` / ``pixel_spacing_mm``
+    and a reference ``hc_mm`` are optional (the reference is kept, as ``hc_ref_mm``,
+    beside the measurement in ``measurements.csv``).
+    """
     import csv
 
     from fetalscan.data.hc18 import load_biometry_manifest
@@ -113,12 +163,30 @@ def prediction_records(data: str | Path, every_nth: int = 1) -> list:
     data = Path(data)
     if data.suffix.lower() == ".csv" and data.is_file():
         with open(data, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), [])
+            header = [h.strip() for h in next(csv.reader(fh), [])]
         if "image" in header and "path" not in header:
-            items = load_biometry_manifest(data, require_masks=False)
+            items = load_biometry_manifest(data, require_masks=False, require_exam=False)
             return [Record(it.image, None, it.exam, it.name, pixel_spacing_mm=it.pixel_size_mm,
-                           source_row=it.line) for it in items]
+                           source_row=it.line, extra={"hc_mm": repr(it.hc_mm)} if it.hc_mm is not None else {})
+                    for it in items]
     return load_dataset(data, require_labels=False, every_nth=every_nth).records
+
+
+def reference_hc_mm(record) -> float | None:
+    """The reference head circumference (mm) a manifest gives for a record (``hc_mm`` column), if any."""
+    from fetalscan.data.records import parse_float
+
+    raw = (record.extra or {}).get("hc_mm", "")
+    if raw in ("", None):
+        return None
+    try:
+        value = parse_float(str(raw), "hc_mm", record.source_row or 0, record.path)
+    except DataError:
+        raise DataError(f"{record.where()}, field 'hc_mm': not a number: {raw!r}; give the reference head "
+                        "circumference in mm or leave it empty") from None
+    if value is None or not np.isfinite(value) or value <= 0:
+        raise DataError(f"{record.where()}, field 'hc_mm': must be a positive number of mm, got {raw!r}")
+    return float(value)
 
 
 def measure_records(segmenter, records: Sequence, cfg: BiometryPredictConfig, out: Path,
@@ -140,6 +208,8 @@ def measure_records(segmenter, records: Sequence, cfg: BiometryPredictConfig, ou
     out = Path(out)
     images: list[MeasuredImage] = []
     missing_ps, off_plane = 0, 0
+    refs = [reference_hc_mm(r) for r in records]
+    has_ref = any(v is not None for v in refs)
     for i, image in track(iter_record_images(records), "measuring", total=len(records)):
         r = records[i]
         ps = record_pixel_size(r, cfg.pixel_size_mm)
@@ -154,12 +224,18 @@ def measure_records(segmenter, records: Sequence, cfg: BiometryPredictConfig, ou
             if not pr.is_brain:
                 off_plane += 1
                 m.warnings.append(f"{r.image_id}: SonoNet reads the plane as {pr.plane} ({pr.confidence:.2f}), "
-                                  "not a brain plane; HC is defined on the transventricular plane")
+                                  f"not a brain plane; {BIOMETRY_PLANE}")
         stem = Path(r.name).stem + (f"_frame{r.frame}" if r.frame is not None else "")
         overlay = out / "overlays" / f"{i:05d}_{stem}.png"
         save_overlay(overlay, image, m)
-        row = {"image": r.image_id, "path": str(r.path), "frame": r.frame, **m.to_row(), **plane,
-               "overlay": str(overlay.relative_to(out))}
+        row = {"image": r.image_id, "path": str(r.path), "frame": r.frame}
+        for key, value in m.to_row().items():
+            row[key] = value
+            if key == "hc_mm" and has_ref:  # the input's reference HC, beside (never over) the measurement
+                ref = refs[i]
+                row["hc_ref_mm"] = ref
+                row["hc_diff_mm"] = (value - ref) if (value is not None and ref is not None) else None
+        row.update({**plane, "overlay": str(overlay.relative_to(out))})
         images.append(MeasuredImage(r.image_id, m, plane, row))
     write_csv(out / "measurements.csv", pd.DataFrame([m.row for m in images]))
     warnings = []

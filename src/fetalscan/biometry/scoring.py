@@ -29,6 +29,7 @@ from fetalscan.biometry.segmenter import HeadSegmenter, upsample_logits
 from fetalscan.data.hc18 import BiometryItem, read_mask
 from fetalscan.errors import DataError, FetalscanError
 from fetalscan.texts import BIOMETRY_DISCLAIMER as DISCLAIMER
+from fetalscan.texts import BIOMETRY_PLANE
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ def summarise(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
     """Mean +/- SD of every score, 95 % exam-bootstrap intervals, Bland-Altman limits, counts."""
     groups = df["exam"].astype(str).tolist()
     out: dict = {"n_images": int(len(df)), "n_exams": int(df["exam"].nunique()),
-                 "n_no_head": int((df["status"] != "ok").sum())}
+                 "n_no_head": int((df["status"] == "no_head").sum()),
+                 "n_check": int((df["status"] == "check").sum())}
     for col in ("dice", "dice_raw", "hausdorff_mm", "hc_abs_diff_mm", "hc_diff_mm",
                 "hc_ref_mask_fit_diff_mm"):
         v = df[col].to_numpy(dtype=np.float64)
@@ -157,7 +159,10 @@ def summarise(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
         out[f"share_hc_within_{t:g}mm"] = float((within <= t).mean()) if len(within) else math.nan
     out["by_reference_hc"] = _by_hc_band(df)
     out["goal_hc_abs_diff_mm"] = GOAL_HC_ABS_DIFF_MM
-    out["goal_met"] = bool(out["hc_abs_diff_mm_mean"] <= GOAL_HC_ABS_DIFF_MM) if len(within) else False
+    # no measurable head (every image "no head found", or no reference HC): there is nothing to compare
+    # with the goal, so the goal is neither met nor missed
+    out["measurable_heads"] = int(len(within))
+    out["goal_met"] = bool(out["hc_abs_diff_mm_mean"] <= GOAL_HC_ABS_DIFF_MM) if len(within) else None
     return out
 
 
@@ -242,7 +247,8 @@ METRIC_DEFINITIONS = {
     "hausdorff_mm": "symmetric Hausdorff distance between the outlines of the fitted ellipse and of the "
                     "reference mask, in mm",
     "hc_diff_mm": "predicted minus reference HC (mm); reference = manifest hc_mm",
-    "hc_abs_diff_mm": "absolute HC difference (mm); images without a head found are excluded and counted in n_no_head",
+    "hc_abs_diff_mm": "absolute HC difference (mm); images without a head found are excluded and counted in "
+                      "n_no_head; non-elliptical head regions (status 'check', counted in n_check) are included",
     "hc_ref_mask_fit_diff_mm": "HC of the same ellipse fit applied to the reference mask minus hc_mm: the "
                                "measurement error alone, without segmentation error",
     "ci95": "95 % percentile bootstrap interval of the mean, resampling exams (1000 resamples)",
@@ -254,8 +260,9 @@ LIMITATIONS = [
     "settings and populations is unknown.",
     "The reference masks are ellipses fitted to the sonographer's outline, not free-form skull segmentations; "
     "the method is scored against ellipses and fits ellipses.",
-    "The images were chosen as good head planes by the sonographers; the measurement assumes a correct "
-    "transventricular plane (check it with `fetalscan view`).",
+    "The images were chosen as good head planes by the sonographers. " + BIOMETRY_PLANE + "; the measurement "
+    "assumes that plane. SonoNet-16 (`fetalscan view`, `--plane-check`) has no transthalamic class: it can tell a "
+    "brain plane from other views, not the transthalamic from the neighbouring transventricular plane.",
     "BPD and OFD are outer-to-outer axes of the fitted ellipse; the clinical (outer-to-inner) BPD is smaller "
     "by about one skull-bone thickness. No reference BPD/OFD exists in HC18, so they are not scored.",
     "Gestational age is the Hadlock 1984 population regression on HC; its +/-2 SD spread grows from about "

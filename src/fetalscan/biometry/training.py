@@ -301,7 +301,7 @@ def fit_segmenter(model, train: PreparedSet, val: PreparedSet, cfg: BiometryTrai
     """
     import torch
 
-    from fetalscan.progress import track
+    from fetalscan.progress import step, track
 
     t0 = time.perf_counter()
     pre = cfg.segmenter().preprocessing()
@@ -313,7 +313,7 @@ def fit_segmenter(model, train: PreparedSet, val: PreparedSet, cfg: BiometryTrai
     augment = _augmenters(cfg, seed) if cfg.augment else None
     best = (math.inf, 0, copy.deepcopy(model.state_dict()), {"axis_offset_px": 0.0, "n": 0, "iqr_px": None})
     history = []
-    for epoch in track(range(1, cfg.epochs + 1), description, total=cfg.epochs):
+    for epoch in track(range(1, cfg.epochs + 1), description, total=cfg.epochs, lines=False):
         loss = train_one_epoch(model, train, pre, optimizer, scheduler, device, cfg.batch_size, gen, augment)
         row = {"epoch": epoch, "train_loss": loss, "val_loss": math.nan, "val_hc_abs_diff_mm": math.nan}
         if len(val.items):
@@ -328,6 +328,10 @@ def fit_segmenter(model, train: PreparedSet, val: PreparedSet, cfg: BiometryTrai
         history.append(row)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val HC |diff| %.2f mm", epoch, loss,
                  row["val_loss"], row["val_hc_abs_diff_mm"])
+        step(f"{description}: epoch {epoch}/{cfg.epochs}: train loss {loss:.4f}"
+             + (f", inner-validation |HC difference| {row['val_hc_abs_diff_mm']:.2f} mm"
+                if math.isfinite(row["val_hc_abs_diff_mm"]) else "")
+             + f" ({time.perf_counter() - t0:.0f} s)")
         if not len(val.items):
             best = (math.nan, epoch, copy.deepcopy(model.state_dict()), best[3])
             continue
@@ -470,8 +474,12 @@ def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, *, f
     fold_list, audit = make_exam_folds(items, folds, cfg.seed, cfg.val_fraction)
     seg_cfg = cfg.segmenter()
     data = prepare_set(items, seg_cfg)
+    from fetalscan.progress import step
+
     frames, fold_rows = [], []
     for f in fold_list:
+        step(f"fold {f.index + 1}/{len(fold_list)}: training on {len(f.train)} images, testing on {len(f.test)} "
+             f"({time.perf_counter() - t0:.0f} s so far)")
         seed_everything(cfg.seed + f.index)
         model = build_segmenter(seg_cfg)
         fit = fit_segmenter(model, data.subset(f.inner_train), data.subset(f.inner_val), cfg, device,
@@ -489,6 +497,10 @@ def cross_validate(items: Sequence[BiometryItem], cfg: BiometryTrainConfig, *, f
                           "test_dice_mean": float(df["dice"].mean()), "history": fit.history})
         log.info("fold %d: test HC |diff| %.2f mm, Dice %.4f", f.index, fold_rows[-1]["test_hc_abs_diff_mm_mean"],
                  fold_rows[-1]["test_dice_mean"])
+        err = fold_rows[-1]["test_hc_abs_diff_mm_mean"]
+        step(f"fold {f.index + 1}/{len(fold_list)} done: test |HC difference| "
+             + (f"{err:.2f} mm" if math.isfinite(err) else "- (no measurable head)")
+             + f", Dice {fold_rows[-1]['test_dice_mean']:.3f}")
         if models_dir is not None:
             Path(models_dir).mkdir(parents=True, exist_ok=True)
             save_segmenter(Path(models_dir) / f"fold{f.index}_model.pt", model, seg_cfg, calibration=calibration,

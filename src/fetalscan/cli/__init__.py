@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -50,24 +49,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from fetalscan.cli._ui import console_logging, error_line
     from fetalscan.errors import FetalscanError
+    from fetalscan.fileio import unfinished_marker
 
-    try:
-        return int(args.func(args) or 0)
-    except FetalscanError as exc:
-        from fetalscan.cli._ui import error_line
+    command = " ".join(["fetalscan", *(sys.argv[1:] if argv is None else argv)])
+    with console_logging(args.verbose):
+        try:
+            with unfinished_marker(command):  # an --out left by Ctrl-C or a failure says so on the next run
+                return int(args.func(args) or 0)
+        except FetalscanError as exc:
+            error_line(str(exc))
+            return exc.exit_code
+        except KeyboardInterrupt:
+            error_line("interrupted; files already written are complete, the rest were not written"
+                       + _resume_hint(args))
+            return 130
+        except Exception as exc:  # noqa: BLE001 - a library's own error: one line, its traceback only with -v
+            if args.verbose:
+                raise
+            error_line(_unexpected(exc))
+            return 1
 
-        error_line(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        from fetalscan.cli._ui import error_line
 
-        error_line("interrupted; files already written are complete, the rest were not written")
-        return 130
+def _unexpected(exc: BaseException) -> str:
+    """One line for an error that is not a :class:`~fetalscan.errors.FetalscanError` (a bug, or a
+    library failing on an input fetalscan does not check): what, where, and what to do."""
+    import traceback
+
+    from fetalscan.cli._ui import _library_of, clean_message
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    origin = next((lib for f in reversed(frames) if (lib := _library_of(f.filename))), "")
+    where = f" in {origin}" if origin else ""
+    text = clean_message(str(exc)).rstrip(".")
+    return (f"unexpected {type(exc).__name__}{where}: {text}. This is a fetalscan bug or an input it does not "
+            "handle yet; rerun as `fetalscan --verbose <command> ...` for the traceback and report it with the "
+            "command line")
+
+
+def _resume_hint(args) -> str:
+    """What an interrupted command left in --out, and how to go on (see fetalscan.fileio.unfinished_marker)."""
+    from pathlib import Path
+
+    from fetalscan.fileio import UNFINISHED_MARKER
+
+    out = getattr(args, "out", None)
+    if out is None or not (Path(out) / UNFINISHED_MARKER).is_file():
+        return ""
+    return (f"; {out} is marked unfinished: run the same command with --overwrite to start over "
+            "(without it, a re-run says what is there)")
 
 
 if __name__ == "__main__":  # pragma: no cover

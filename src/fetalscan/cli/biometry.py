@@ -87,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "calibration; without it values are in pixels (with a warning) and no GA is given.")
     p.add_argument("--model", type=Path, required=True, help="segmenter written by `fetalscan biometry train`")
     p.add_argument("--data", type=Path, required=True,
-                   help="an image, DICOM, video, folder, or manifest (image/path column)")
+                   help="an image, DICOM, video, folder, or manifest CSV: an image (or path) column; optional "
+                        "exam (or group), pixel_size_mm, and hc_mm (a reference HC, written as hc_ref_mm beside "
+                        "the measured hc_mm)")
     p.add_argument("--pixel-size", dest="pixel_size_mm", metavar="MM", type=float, default=None,
                    help="mm per pixel for every image (overrides nothing: manifest/DICOM values win)")
     add_dataclass_options(p, BiometryPredictConfig, _HELP, title="measurement", skip={"pixel_size_mm"})
@@ -126,6 +128,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- handlers
 
 
+def _num(v, digits: int, sign: str = "") -> str:
+    """A number for the console; missing / NaN as '-' (never 'nan')."""
+    return "-" if v is None or v != v else f"{v:{sign}.{digits}f}"
+
+
 def _print_metrics(m: dict, title: str) -> None:
     rows = []
     for key, label, digits in (("dice", "Dice (fitted ellipse)", 4), ("dice_raw", "Dice (raw mask)", 4),
@@ -134,11 +141,18 @@ def _print_metrics(m: dict, title: str) -> None:
                                ("hc_ref_mask_fit_diff_mm", "HC fit on reference masks (mm)", 2)):
         lo, hi = m[f"{key}_mean_ci95"]
         ci = "-" if lo is None or hi is None or lo != lo else f"{lo:.{digits}f} – {hi:.{digits}f}"
-        rows.append([label, f"{m[f'{key}_mean']:.{digits}f}", f"{m[f'{key}_sd']:.{digits}f}", ci, m[f"{key}_n"]])
+        rows.append([label, _num(m[f"{key}_mean"], digits), _num(m[f"{key}_sd"], digits), ci, m[f"{key}_n"]])
     print_table(title, ["measure", "mean", "SD", "95% CI (exams)", "n"], rows)
-    info_line(f"{m['n_images']} images, {m['n_exams']} exams; no head found in {m['n_no_head']}. "
-              f"HC difference mean ± SD: {m['hc_abs_diff_mm_mean']:.2f} ± {m['hc_abs_diff_mm_sd']:.2f} mm "
-              f"(absolute), {m['hc_diff_mm_mean']:+.2f} ± {m['hc_diff_mm_sd']:.2f} mm (signed); "
+    head = f"{m['n_images']} images, {m['n_exams']} exams; no head found in {m['n_no_head']}"
+    if m.get("n_check"):
+        head += f"; {m['n_check']} with a non-elliptical head region (measured, flagged 'check')"
+    if not m.get("hc_abs_diff_mm_n"):
+        warn_line(f"{head}. No measurable heads: there is no HC difference, Bland-Altman plot or goal check. "
+                  "The segmenter failed on these images (train longer or on more data; docs/biometry.md).")
+        return
+    info_line(f"{head}. HC difference mean ± SD: {_num(m['hc_abs_diff_mm_mean'], 2)} ± "
+              f"{_num(m['hc_abs_diff_mm_sd'], 2)} mm (absolute), {_num(m['hc_diff_mm_mean'], 2, '+')} ± "
+              f"{_num(m['hc_diff_mm_sd'], 2)} mm (signed); "
               f"goal ≤ {m['goal_hc_abs_diff_mm']:.1f} mm: {'met' if m['goal_met'] else 'not met'}.")
 
 
@@ -167,8 +181,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     setup_progress(args)
     cfg = dataclass_from_args(BiometryPredictConfig, args)
     res = predict_to_folder(args.model, args.data, args.out, cfg, overwrite=args.overwrite, device=args.device)
-    for image in res.images:
-        info_line(f"{image.image_id}: {image.summary()}")
+    for text, is_warning in res.console_lines():
+        (warn_line if is_warning else info_line)(text)
     for warning in res.warnings:
         warn_line(warning)
     info_line(f"{len(res.images)} image(s) -> {res.out}/measurements.csv and {res.out}/overlays/. "
@@ -195,7 +209,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      overwrite=args.overwrite, n_boot=args.n_boot, manifest=str(args.data),
                                      save_models=args.save_models)
         _print_metrics(m, f"Grouped {args.folds}-fold cross-validation by exam (out-of-fold)")
-    info_line(f"wrote {args.out}/ (biometry_metrics.json, biometry_images.csv, bland_altman.png, report.html)")
+    files = ["biometry_metrics.json", "biometry_images.csv"]
+    files += ["bland_altman.png"] if (Path(args.out) / "bland_altman.png").is_file() else []
+    info_line(f"wrote {args.out}/ ({', '.join(files + ['report.html'])})")
     return 0
 
 

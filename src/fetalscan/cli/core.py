@@ -29,10 +29,16 @@ _HELP = {
     "pretrained": "initial weights: sononet (bundled, sononet16), imagenet (timm download/cache), none, or a file",
     "mode": "cached = frozen backbone, embeddings computed once, head trained per fold (fast); "
             "finetune = train every weight (the published way, slow on CPU)",
-    "head": "classification head: linear or mlp",
+    "head": "cached-mode head: logreg (L2 logistic regression, C by inner grouped CV), linear or mlp (torch); "
+            "in finetune mode logreg/linear = the backbone's own linear classifier",
+    "logreg_c": "inverse L2 strength of the logreg head; 0 = chosen by inner grouped CV from 1e-4..1e2",
+    "inner_folds": "folds of the inner grouped CV on the training groups that chooses C / the epoch count "
+                   "(0 = one inner split with early stopping; fine-tuning costs inner_folds + 1 trainings)",
+    "ensemble": "k >= 2: keep the k inner-fold models and average their probabilities (cached mode; "
+                "the checkpoint holds all k); 0 = one model refitted on all training groups",
     "head_hidden": "hidden units of the mlp head",
     "drop_rate": "dropout before the head",
-    "epochs": "maximum fine-tuning epochs (early stopping on the inner split)",
+    "epochs": "maximum fine-tuning epochs (the count kept is chosen by the inner grouped CV)",
     "batch_size": "mini-batch size",
     "lr": "fine-tuning learning rate (AdamW, cosine schedule)",
     "weight_decay": "fine-tuning AdamW weight decay",
@@ -42,7 +48,8 @@ _HELP = {
     "head_lr": "learning rate of the cached-feature head",
     "head_weight_decay": "weight decay of the cached-feature head",
     "head_patience": "cached head: epochs without inner-validation improvement before stopping",
-    "val_fraction": "share of each class's training groups held out as the inner validation split",
+    "val_fraction": "share of each class's training groups in the inner validation split (used with "
+                    "--inner-folds 0, and for the leakage audit)",
     "class_weighting": "class-weighted cross-entropy (balanced weights)",
     "amp": "mixed precision on CUDA (ignored on CPU)",
     "scheme": "cross-validation: kfold (stratified group k-fold) or logo (leave one group out)",
@@ -55,6 +62,9 @@ _HELP = {
     "phash_threshold": "Hamming distance of the 64-bit pHash at or below which images are near-duplicates",
     "aggregate": "patient-level rule: mean, vote or max_abnormal",
     "normal_class": "name of the normal class (used by max_abnormal)",
+    "repeats": "rerun the grouped k-fold split with R seeds (seed, seed+1, ...) and report the mean and spread "
+               "across splits; predictions.csv stays that of the first",
+    "baseline": "train the linear-probe baseline (logreg on the frozen embeddings) under the same folds",
     "save_fold_models": "keep each fold's model in RUN/fold_models/ (for held-out heatmaps): auto = always in "
                         "cached mode (one backbone + small heads), for <= 10 folds when fine-tuning; yes; no",
 }
@@ -143,8 +153,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run_train(load_data(args), cfg, cv, args.out, overwrite=args.overwrite)
     for note in summary["notes"]:
         warn_line(note)
-    info_line(f"model: {summary['model']} (classes: {', '.join(summary['classes'])}; best epoch "
-              f"{summary['best_epoch']} of {summary['epochs_run']} on the inner validation split)")
+    sel = summary.get("selection") or {}
+    chosen = sel.get("chosen")
+    chosen = f"{chosen:g}" if isinstance(chosen, float) else chosen
+    info_line(f"model: {summary['model']} (classes: {', '.join(summary['classes'])}; {sel.get('head', '')} head, "
+              f"{sel.get('parameter', 'epochs')} = {chosen} by {sel.get('method', 'the inner split')}; "
+              f"{sel.get('final', '')})")
     return 0
 
 
@@ -185,6 +199,18 @@ def _with_ci(block: dict, key: str) -> str:
     return f"{value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "")
 
 
+def _value_ci(value, ci) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci and ci[0] == ci[0] else "")
+
+
+def _spread(s: dict) -> str:
+    if not s or s.get("mean") is None:
+        return "-"
+    return f"{s['mean']:.3f} ± {s['sd']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+
+
 def _print_summary(metrics: dict) -> None:
     for note in metrics["task"]["notes"]:
         warn_line(note)
@@ -201,6 +227,20 @@ def _print_summary(metrics: dict) -> None:
             pat["per_class"][c]["specificity"]] for c in metrics["task"]["classes"]]
     print_table("Per class", ["class", "images", "sensitivity", "specificity", "AUROC",
                               "patients", "pt sensitivity", "pt specificity"], per)
+    base = metrics.get("baseline") or {}
+    if base.get("available") and base.get("rows"):
+        print_table("Linear-probe baseline (logreg on the frozen embeddings, same folds; patient level, 95% CI)",
+                    ["metric", "model", "baseline"],
+                    [[r["metric"], _value_ci(r["model"], r["model_ci"]), _value_ci(r["baseline"], r["baseline_ci"])]
+                     for r in base["rows"]])
+        if base.get("warning"):
+            warn_line(base["message"])
+    rep = metrics.get("repeats") or {}
+    if rep.get("summary"):
+        rows = [[f"{who}: {key.replace('_', ' ')}", _spread(rep["summary"][who][key])]
+                for who in ("model", "baseline") if who in rep["summary"] for key in rep["metrics"]]
+        print_table(f"Repeated CV: {rep['n']} splits (seeds {rep['seeds'][0]}..{rep['seeds'][-1]}), patient level, "
+                    "mean ± SD (min-max)", ["metric", "across splits"], rows)
     for comp in (metrics.get("shortcut") or {}).get("comparisons", []):
         if comp.get("warning"):
             warn_line(f"shortcut check: a probe that sees no anatomy reaches {comp['metric']} "

@@ -176,7 +176,10 @@ def _replicate_stats(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[st
     out["average_precision"] = ap
     out["macro_auroc"] = _nanmean_rows(auc)
     out["macro_average_precision"] = _nanmean_rows(ap)
-    out["micro_auroc"] = weighted_auroc(proba.ravel(), onehot.ravel(), np.repeat(w, k, axis=1))
+    micro = weighted_auroc(proba.ravel(), onehot.ravel(), np.repeat(w, k, axis=1))
+    classes_drawn = ((w @ np.eye(k)[y]) > 0).sum(1)  # classes with a case in each resample
+    micro[classes_drawn < 2] = np.nan  # as the point estimate: undefined with one class
+    out["micro_auroc"] = micro
     return out
 
 

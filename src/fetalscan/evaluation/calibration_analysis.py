@@ -53,9 +53,46 @@ def _calibration_block(df: pd.DataFrame, classes: Sequence[str], cfg: Evaluation
         ece, _ = cal.calibration_errors_weighted(conf, correct, w, cfg.n_bins)
         eces.append(ece)
         briers.append(_div(w @ brier_i, w.sum(1)))
-    block["ci"] = {"ece": {"bootstrap": percentile_interval(np.concatenate(eces), cfg.confidence)},
+    block["ci"] = {"ece": ece_interval(block["ece"], np.concatenate(eces), cfg.confidence),
                    "brier": {"bootstrap": percentile_interval(np.concatenate(briers), cfg.confidence)}}
     return block
+
+
+def ece_interval(estimate: float, boot: np.ndarray, confidence: float = 0.95) -> dict:
+    """The bootstrap interval of a binned ECE, with a bias-corrected version and a note.
+
+    The binned ECE is biased upwards: with few cases per bin, chance gaps between
+    accuracy and confidence add up instead of cancelling. A resample draws fewer
+    distinct patients than the data hold, so its ECE is more biased still, and with
+    a few dozen patients the whole percentile interval can lie *above* the estimate.
+    The bias-corrected interval shifts the percentile interval down by the bootstrap
+    estimate of that bias (``median(boot) - estimate``; Efron & Tibshirani 1993,
+    ch. 10), clipped at 0; it always contains the estimate. The report shows it, and
+    says so when the plain percentile interval excludes the estimate.
+
+    Returns
+    -------
+    dict
+        ``{"bootstrap": [lo, hi], "bias_corrected": [lo, hi], "bootstrap_bias": float,
+        "note": str | None}``.
+    """
+    percentile = percentile_interval(boot, confidence)
+    fin = np.asarray(boot, dtype=np.float64)
+    fin = fin[np.isfinite(fin)]
+    out: dict = {"bootstrap": percentile, "bias_corrected": [float("nan")] * 2, "bootstrap_bias": float("nan"),
+                 "note": None}
+    if not fin.size or not np.isfinite(estimate):
+        return out
+    bias = float(np.median(fin) - estimate)
+    lo, hi = percentile
+    out["bootstrap_bias"] = bias
+    out["bias_corrected"] = [max(0.0, min(lo - bias, estimate)), max(hi - bias, estimate)]
+    if not lo <= estimate <= hi:
+        side = "above" if lo > estimate else "below"
+        out["note"] = (f"the plain percentile interval {lo:.3f}-{hi:.3f} lies {side} the estimate {estimate:.3f}: "
+                       f"resamples repeat patients, which shifts the binned ECE (bootstrap bias {bias:+.3f}); "
+                       "the interval shown is corrected by that bias")
+    return out
 
 
 def calibration_analysis(test_img: pd.DataFrame, inner_img: pd.DataFrame | None, classes: Sequence[str],
@@ -88,6 +125,7 @@ def calibration_analysis(test_img: pd.DataFrame, inner_img: pd.DataFrame | None,
         pat = _calibration_block(aggregate_groups(test_img, classes, aggregate, normal_class), classes, cfg)
         block["before"] = {"image": img, "patient": pat}
         block["after"] = None
+        _interval_notes(block, block["notes"])
         return block, test_img, inner_img
     test_cal, inner_cal = test_img.copy(), inner_img.copy()
     temps = []
@@ -126,8 +164,35 @@ def calibration_analysis(test_img: pd.DataFrame, inner_img: pd.DataFrame | None,
     if changed:
         notes.append(f"temperature scaling changed the patient-level decision of {changed} patient(s) "
                      f"({aggregate} aggregation of rescaled image probabilities); image-level decisions never change")
-    block.update({"fitted": True, "temperatures": temps, "before": before, "after": after, "notes": notes})
+    change = {level: _change(before[level]["ece"], after[level]["ece"]) for level in ("image", "patient")}
+    if {change["image"], change["patient"]} == {"lower", "higher"}:
+        worse = "patient" if change["patient"] == "higher" else "image"
+        better = "image" if worse == "patient" else "patient"
+        notes.append(f"temperature scaling lowered the {better}-level ECE ({before[better]['ece']:.3f} -> "
+                     f"{after[better]['ece']:.3f}) but raised the {worse}-level ECE ({before[worse]['ece']:.3f} -> "
+                     f"{after[worse]['ece']:.3f}); patient probabilities are the {aggregate} of rescaled image "
+                     "probabilities, so calibrating images does not calibrate patients")
+    block.update({"fitted": True, "temperatures": temps, "before": before, "after": after, "ece_change": change,
+                  "notes": notes})
+    _interval_notes(block, notes)
     return block, test_cal, inner_cal
+
+
+def _change(before: float, after: float, tol: float = 5e-4) -> str:
+    """``"lower"``, ``"higher"`` or ``"unchanged"`` (ECE: lower is better)."""
+    if not (np.isfinite(before) and np.isfinite(after)):
+        return "undefined"
+    return "unchanged" if abs(after - before) < tol else ("lower" if after < before else "higher")
+
+
+def _interval_notes(block: dict, notes: list[str]) -> None:
+    """A note for every ECE whose plain bootstrap interval excludes the estimate."""
+    for when in ("before", "after"):
+        for level, b in (block.get(when) or {}).items():
+            note = ((b.get("ci") or {}).get("ece") or {}).get("note")
+            if note:
+                label = f"{level} level" + (f", {when} temperature scaling" if block.get("fitted") else "")
+                notes.append(f"ECE ({label}): {note}")
 
 
 def final_model_calibration(inner_val: pd.DataFrame, classes: Sequence[str], *, normal_class: str = "normal",

@@ -108,6 +108,9 @@ def _limitations(result: dict, classes: Sequence[str], small: int) -> list[str]:
     if sc.get("warning"):
         out.append(sc.get("message", "Image-level statistics separate the classes: results may reflect image "
                    "source rather than anatomy."))
+    baseline = result.get("baseline") or {}
+    if baseline.get("warning"):
+        out.append(baseline.get("message", "The model does not beat the linear-probe baseline."))
     if result.get("kind") == "cv":
         out.append("Cross-validation estimates come from one dataset; performance on another centre, device or "
                    "population must be shown by external validation (`fetalscan evaluate`).")
@@ -171,6 +174,14 @@ def evaluate_frames(run: RunData, cfg: EvaluationConfig, *, thresholds: dict | N
                                               normal_class=normal)
     else:
         blocks["shortcut"] = {"available": False, "note": "shortcut check switched off (--no-shortcut)"}
+    if run.kind == "cv":
+        from fetalscan.evaluation.baseline import baseline_comparison
+
+        training = run.metrics.get("training") or {}
+        is_probe = training.get("mode", "cached") == "cached" and training.get("head") == "logreg"
+        blocks["baseline"], _ = timed("baseline", baseline_comparison, run.run_dir, pat, classes, cfg,
+                                      model_patient=blocks["patient_level"], training_block=run.metrics.get("baseline"),
+                                      is_probe=is_probe, aggregate=agg, normal_class=normal)
     blocks["timings_s"] = timings
     frames = {"image": img, "patient": pat, "image_calibrated": test_cal, "patient_calibrated": pat_cal,
               "inner": run.inner, "probe_image": probe_img}

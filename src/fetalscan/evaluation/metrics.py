@@ -4,7 +4,8 @@ Per class (one-vs-rest): sensitivity, specificity, PPV, NPV, F1, AUROC and avera
 precision; overall: accuracy, balanced accuracy, macro / micro AUROC and macro AP, and
 the confusion matrix. Edge cases are stated, not hidden: a class without positives (or
 without negatives) has sensitivity (or specificity) and AUROC undefined (NaN), and the
-macro averages are over the classes where the metric is defined. The Wilson score
+macro averages are over the classes where the metric is defined; the micro AUROC needs
+cases of at least two classes (else NaN, like the macro AUROC). The Wilson score
 interval (Wilson, JASA 1927) is used for proportions where a bootstrap is not needed."""
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ def classification_metrics(y_true: Sequence[str], proba: np.ndarray, classes: Se
     present = [per_class[c]["sensitivity"] for c in classes if per_class[c]["n"] > 0]
     micro = float("nan")
     onehot = np.eye(len(classes))[y] if len(y) else np.zeros((0, len(classes)))
-    if len(y) and 0 < onehot.sum() < onehot.size:
+    # like the macro AUROC, the micro AUROC needs cases of two classes: with one class present it
+    # would only rank p(that class) against the other columns' probabilities, which measures nothing
+    if len(y) and len(np.unique(y)) >= 2:
         micro = float(roc_auc_score(onehot.ravel(), proba.ravel()))
     return {
         "n": int(len(y)),

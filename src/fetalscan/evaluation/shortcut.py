@@ -394,7 +394,7 @@ def _message(warn: bool, comparisons: list[dict], normal_class: str) -> str:
                 "rule out shortcuts these statistics do not capture.")
     hits = [c for c in comparisons if c["warning"]]
     parts = "; ".join(f"{c['metric']}: probe {c['probe']:.3f} vs model {c['model']:.3f}" for c in hits)
-    text = (f"Warning: a classifier that sees no anatomy, only image statistics (histogram, size, borders, "
+    text = (f"A classifier that sees no anatomy, only image statistics (histogram, size, borders, "
             f"overlays), separates the classes ({parts}). In these data the classes can be told apart by image "
             "source (scanner, centre, export, overlays), so the model's results are not evidence that it "
             "learned the anatomy.")

@@ -151,6 +151,53 @@ def heterogeneity_test(subgroup: Sequence[str], correct: Sequence[bool], *, n_pe
     }
 
 
+def _against_the_rest(part: pd.DataFrame, units: pd.DataFrame, classes: Sequence[str], row: dict,
+                      cfg: EvaluationConfig, normal_class: str) -> dict:
+    """AUROCs of a one-class subgroup against the other-class cases of the whole table.
+
+    Inside a subgroup whose cases all have one true class ``c`` (e.g. one original
+    label), no AUROC is defined. What is defined is how the model ranks *these*
+    cases against all cases of the other classes: AUROC of ``p_c`` (and of
+    p(abnormal) = 1 - p(normal) against the other side of normal/abnormal), with a
+    group-bootstrap interval. Returns ``auroc_vs_rest`` / ``abnormal_auroc_vs_rest``
+    blocks (``{"class", "against", "auroc", "ci", "n_against"}``) or, when even that
+    is undefined, a ``"reason"``.
+    """
+    out: dict = {}
+    labels = part["label"].astype(str)
+    present = sorted(set(labels))
+    if len(present) != 1 or math.isfinite(row.get("macro_auroc", float("nan"))):
+        return out
+    (c,) = present
+
+    def vs(score_col, positive_mask_rest, against: str, flip: bool = False) -> dict:
+        rest = units[positive_mask_rest]
+        block = {"class": c, "against": against, "n_against": int(rest["group"].nunique())}
+        if rest.empty:
+            block.update({"auroc": float("nan"), "ci": [float("nan")] * 2,
+                          "reason": f"these data hold no {against}"})
+            return block
+        both = pd.concat([part, rest])
+        score = both[score_col].to_numpy(dtype=np.float64)
+        sc = auroc_with_ci(1 - score if flip else score, np.r_[np.ones(len(part), bool), np.zeros(len(rest), bool)],
+                           both["group"].astype(str).tolist(), n_boot=cfg.n_boot, seed=cfg.seed,
+                           confidence=cfg.confidence)
+        block.update({"auroc": sc["auroc"], "ci": sc["ci"]})
+        return block
+
+    unit_labels = units["label"].astype(str)
+    out["auroc_vs_rest"] = vs(f"p_{c}", (unit_labels != c).to_numpy(), "cases of the other classes")
+    if normal_class in classes:
+        if c == normal_class:
+            out["abnormal_auroc_vs_rest"] = vs(f"p_{normal_class}", (unit_labels != normal_class).to_numpy(),
+                                               "abnormal cases")
+        else:
+            # p(abnormal) of these abnormal cases against every normal case
+            out["abnormal_auroc_vs_rest"] = vs(f"p_{normal_class}", (unit_labels == normal_class).to_numpy(),
+                                               f"{normal_class} cases", flip=True)
+    return out
+
+
 def subgroup_analysis(img: pd.DataFrame, pat: pd.DataFrame, classes: Sequence[str], column: str,
                       cfg: EvaluationConfig, *, normal_class: str = "normal") -> dict:
     """Results by the values of one metadata column, each with its n, CIs and a small-n flag.
@@ -185,6 +232,7 @@ def subgroup_analysis(img: pd.DataFrame, pat: pd.DataFrame, classes: Sequence[st
                                part["group"].astype(str).tolist(), n_boot=cfg.n_boot, seed=cfg.seed,
                                confidence=cfg.confidence)
             row["abnormal_auroc"], row["abnormal_auroc_ci"] = sc["auroc"], sc["ci"]
+        row.update(_against_the_rest(part, units, classes, row, cfg, normal_class))
         rows.append(row)
     correct = units["pred"].astype(str).to_numpy() == units["label"].astype(str).to_numpy()
     het = heterogeneity_test(units["_sub"].tolist(), correct, n_perm=cfg.n_perm, seed=cfg.seed)
@@ -195,6 +243,11 @@ def subgroup_analysis(img: pd.DataFrame, pat: pd.DataFrame, classes: Sequence[st
     if column == "label_original":
         notes.append("original labels before rare classes were merged: accuracy here is the sensitivity for "
                      "each original label; subgroups are confounded with the label by construction")
+    if any("auroc_vs_rest" in r or "abnormal_auroc_vs_rest" in r for r in rows):
+        notes.append("an AUROC needs cases and non-cases; a subgroup that holds one class only has none inside it. "
+                     "Values marked * compare the subgroup's cases with every case of the other classes in these "
+                     "data (abnormal-vs-normal: with every normal, or every abnormal, case); '–' means even that "
+                     "is undefined (reason in metrics.json)")
     small = [r["subgroup"] for r in rows if r["small"]]
     if small:
         notes.append(f"subgroups with fewer than {cfg.small_subgroup} patients ({', '.join(small)}): "

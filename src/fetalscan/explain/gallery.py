@@ -42,10 +42,16 @@ def select_gallery(preds, classes: Sequence[str], per_kind: int = 1) -> list[dic
     (the most confident false alarms); FN = label ``c`` predicted otherwise, lowest
     ``p_c`` first (the most confidently missed). Rows without a label are skipped.
 
+    Each image is shown once: a false negative for one class is a false positive for
+    the class it was called, so the same image can top two lists. It is then kept
+    where it came first, that pick lists the other role under ``"also"``, and the
+    later list takes its next candidate.
+
     Returns
     -------
     list of dict
-        ``{"class", "kind", "row", "prob"}`` with ``row`` the frame's index label.
+        ``{"class", "kind", "row", "prob", "also"}`` with ``row`` the frame's index label
+        and ``also`` the other roles of the same image (``[{"class", "kind", "prob"}]``).
     """
     if per_kind < 1:
         raise FetalscanError(f"--gallery-per-kind must be >= 1, got {per_kind}")
@@ -54,7 +60,8 @@ def select_gallery(preds, classes: Sequence[str], per_kind: int = 1) -> list[dic
         raise DataError(f"predictions lack column(s) {missing}")
     lab = preds["label"].fillna("").astype(str)
     pred = preds["pred"].astype(str)
-    picks = []
+    picks: list[dict] = []
+    by_row: dict = {}
     for c in classes:
         p = preds[f"p_{c}"].astype(float)
         kinds = {
@@ -65,8 +72,17 @@ def select_gallery(preds, classes: Sequence[str], per_kind: int = 1) -> list[dic
         for kind in GALLERY_KINDS:
             part = p[kinds[kind]]
             part = part.sort_values(ascending=kind == "FN", kind="stable")
-            for row, prob in part.head(per_kind).items():
-                picks.append({"class": c, "kind": kind, "row": row, "prob": float(prob)})
+            taken = 0
+            for row, prob in part.items():
+                if taken == per_kind:
+                    break
+                if row in by_row:  # already shown for another class / kind: note the role there
+                    by_row[row]["also"].append({"class": c, "kind": kind, "prob": float(prob)})
+                    continue
+                pick = {"class": c, "kind": kind, "row": row, "prob": float(prob), "also": []}
+                picks.append(pick)
+                by_row[row] = pick
+                taken += 1
     return picks
 
 
@@ -218,6 +234,7 @@ def _write_gallery(run_dir, out, preds, classes, cfg, per_kind, model_of, info, 
             "panel": os.path.relpath(paths["panel"], run_dir), "target": exp.target,
             "group": rec.group, "frame": rec.frame, "fold": None if fold is None or fold != fold else int(fold),
             "model": origin, "layer": exp.layer,
+            "also": [f"{a['kind']} for {a['class']} (p({a['class']}) = {a['prob']:.2f})" for a in pick.get("also", [])],
         })
     return items
 

@@ -134,10 +134,19 @@ def _plane_notes(images: pd.DataFrame) -> list[str]:
     off = images.loc[~images[PLANE_COLUMNS[2]].astype(bool)]
     if not len(off):
         return []
-    shown = ", ".join(f"{Path(p).name} ({pl}, {c:.2f})" for p, pl, c in
-                      off[["path", "plane", "plane_confidence"]].head(5).itertuples(index=False))
+    # one entry per file: a cine's frames are named once, with how many of them are off-plane
+    parts = []
+    for path, rows in off.groupby(off["path"].astype(str), sort=False):
+        n_file = int((images["path"].astype(str) == path).sum())
+        planes = rows["plane"].astype(str).value_counts()
+        if n_file > 1:
+            what = ", ".join(f"{pl} x{k}" for pl, k in planes.items())
+            parts.append(f"{Path(path).name} ({len(rows)} of {n_file} frames: {what})")
+        else:
+            parts.append(f"{Path(path).name} ({rows['plane'].iloc[0]}, {rows['plane_confidence'].iloc[0]:.2f})")
+    shown = ", ".join(parts[:5])
     return [f"{len(off)} of {len(images)} image(s) do not look like a brain plane (SonoNet-16): "
-            f"{shown}{', ...' if len(off) > 5 else ''}; their predictions are kept and flagged "
+            f"{shown}{', ...' if len(parts) > 5 else ''}; their predictions are kept and flagged "
             "in the 'brain_plane' column: read them with care."]
 
 

@@ -10,7 +10,8 @@ Layout (``format_version`` 1)::
     format            "fetalscan-classifier"
     format_version    1
     fetalscan_version "0.1.0"
-    architecture      {backbone, num_classes, mode, head, head_hidden, drop_rate}
+    architecture      {backbone, num_classes, mode, head, head_hidden, drop_rate, ensemble}
+                      # head: logreg | linear | mlp; ensemble: k >= 2 heads averaged (0 = one)
     classes           ["class_a", ...]              # output order of the model
     class_map         {original label: model class}  # after --rare-classes merge
     preprocessing     Preprocessing.to_dict()
@@ -165,7 +166,8 @@ def _model_from_blob(path: Path, blob: dict) -> tuple[nn.Module, list[str]]:
                 f"{path}: architecture says {arch['num_classes']} classes but the class list has {len(classes)}"
             )
         return build_classifier(arch["backbone"], len(classes), mode=arch["mode"], head=arch["head"],
-                                head_hidden=int(arch["head_hidden"]), drop_rate=float(arch["drop_rate"])), classes
+                                head_hidden=int(arch["head_hidden"]), drop_rate=float(arch["drop_rate"]),
+                                ensemble=int(arch.get("ensemble") or 0)), classes
     except KeyError as exc:
         raise CheckpointError(f"{path}: architecture block lacks field {exc}") from None
     except CheckpointError:
@@ -200,6 +202,7 @@ def architecture_of(cfg, n_classes: int) -> dict:
         "head": cfg.head,
         "head_hidden": cfg.head_hidden,
         "drop_rate": cfg.drop_rate,
+        "ensemble": int(cfg.ensemble) if cfg.mode == "cached" and int(cfg.ensemble) >= 2 else 0,
     }
 
 

@@ -71,7 +71,8 @@ VOLUSON_E8_CROP: tuple[int, int, int, int] = (81, 115, 874, 734)
 BRAIN_PLANES: frozenset[str] = frozenset({"Brain (Tv.)", "Brain (Cb.)"})
 
 
-#: Planes of the fetal head (biometry is measured on the transventricular plane).
+#: Planes of the fetal head. HC and BPD are measured on the transthalamic plane (ISUOG 2019), for which
+#: SonoNet has no class; its brain planes are the nearest it can tell from other views.
 HEAD_PLANES: frozenset[str] = BRAIN_PLANES
 
 

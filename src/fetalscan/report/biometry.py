@@ -6,7 +6,7 @@ cross-validation or from a trained model) becomes, in its output folder:
 - ``folds.csv`` (cross-validation only: exam -> fold),
 - ``biometry_images.csv`` (one row per image),
 - ``biometry_metrics.json`` (the summary; every number of the page),
-- ``bland_altman.png`` (predicted vs reference HC),
+- ``bland_altman.png`` (predicted vs reference HC; absent when no head was measured),
 - ``report.html`` (self-contained: ``templates/biometry_report.html.j2`` through the
   one Jinja environment of :mod:`fetalscan.report.templating`, the figure embedded).
 
@@ -50,15 +50,26 @@ def bland_altman_figure(df: pd.DataFrame, title: str):
     return fig
 
 
-def render_biometry_report(metrics: dict, per_image: pd.DataFrame, title: str, bland_altman_uri: str) -> str:
-    """The self-contained HTML report (``templates/biometry_report.html.j2``)."""
+def render_biometry_report(metrics: dict, per_image: pd.DataFrame, title: str, bland_altman_uri: str | None) -> str:
+    """The self-contained HTML report (``templates/biometry_report.html.j2``).
+
+    ``bland_altman_uri`` is ``None`` when no image has both a measured and a reference
+    HC (no measurable heads): the page then says so instead of showing an empty plot.
+    """
     from fetalscan.report.templating import render
+    from fetalscan.texts import BIOMETRY_PLANE, ISUOG_BIOMETRY_2019
 
     worst = per_image.sort_values("hc_abs_diff_mm", ascending=False, na_position="first").head(10)
-    # fewer than two HC differences give no Bland-Altman limits; the page then shows the figure alone
-    m = {"bland_altman": None, **metrics}
+    rows = []
+    for r in worst.to_dict("records"):
+        prefix = f"{r.get('image')}: "  # each warning starts with the image's name, already in the first column
+        r["warning_list"] = [w.strip()[len(prefix):] if w.strip().startswith(prefix) else w.strip()
+                             for w in str(r.get("warnings") or "").split(" | ") if w.strip()]
+        rows.append(r)
+    # fewer than two HC differences give no Bland-Altman limits
+    m = {"bland_altman": None, "n_check": 0, "measurable_heads": metrics.get("hc_abs_diff_mm_n", 0), **metrics}
     return render("biometry_report.html.j2", title=title, m=m, bland_altman=bland_altman_uri,
-                  worst=worst.to_dict("records"), fmt=_fmt)
+                  worst=rows, fmt=_fmt, plane=BIOMETRY_PLANE, sources=[ISUOG_BIOMETRY_2019])
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -79,10 +90,15 @@ def write_biometry_report(out: Path, scores: BiometryScores) -> None:
         write_csv(out / "folds.csv", scores.folds)
     write_csv(out / "biometry_images.csv", scores.per_image)
     write_json(out / "biometry_metrics.json", scores.metrics)
-    fig = bland_altman_figure(scores.per_image, f"Bland-Altman, {scores.title}")
-    save_figure(fig, out / "bland_altman.png")
-    write_text(out / "report.html",
-               render_biometry_report(scores.metrics, scores.per_image, scores.title, figure_data_uri(fig)))
+    df = scores.per_image
+    uri = None
+    if (np.isfinite(df["hc_pred_mm"]) & np.isfinite(df["hc_ref_mm"])).any():
+        fig = bland_altman_figure(df, f"Bland-Altman, {scores.title}")
+        save_figure(fig, out / "bland_altman.png")
+        uri = figure_data_uri(fig)
+    else:  # no measurable heads: no plot (and no stale one from an earlier run in this folder)
+        (out / "bland_altman.png").unlink(missing_ok=True)
+    write_text(out / "report.html", render_biometry_report(scores.metrics, df, scores.title, uri))
 
 
 def evaluate_checkpoint_to_folder(model_path: str | Path, items: Sequence, out: str | Path, *, split: str = "all",
@@ -108,7 +124,9 @@ def cross_validate_to_folder(items: Sequence, cfg, out: str | Path, *, folds: in
     from fetalscan.fileio import check_out_dir, prepare_out_dir
 
     cfg.validate()
-    out = check_out_dir(out, overwrite)
+    # fold models are written as soon as each is trained: the folder is prepared (and, under the CLI,
+    # marked unfinished) first, so an interrupted run is recognised on the next one
+    out = prepare_out_dir(out, overwrite) if save_models else check_out_dir(out, overwrite)
     scores = cross_validate(items, cfg, folds=folds, n_boot=n_boot, manifest=manifest,
                             models_dir=out if save_models else None)
     # the fold models were written into ``out`` by this run, so it may be non-empty now

@@ -79,16 +79,42 @@ def wilson(block: dict | None, name: str) -> list | None:
     return ((block or {}).get(name) or {}).get("wilson")
 
 
-def _fig(width: float = 5.2, height: float = 4.2):
+#: Report figures are drawn at 100 dpi (one figure pixel = one CSS pixel), at least ~700 px wide,
+#: with text of at least 11 pt, so they stay readable on a 1,400 px page and on paper; legends sit
+#: below the axes, never over the curves.
+FIG_WIDTH = 8.2
+FONT = 12
+SMALL_FONT = 11
+
+
+def _fig(width: float = FIG_WIDTH, height: float = 5.0):
     from fetalscan.figures import new_figure
 
     return new_figure(width, height)
+
+
+def _style(ax, legend: bool = True, ncol: int = 1) -> None:
+    """Text of at least 11 pt and, when there is one, the legend below the axes (it covers no curve)."""
+    ax.tick_params(labelsize=SMALL_FONT)
+    ax.xaxis.label.set_size(FONT)
+    ax.yaxis.label.set_size(FONT)
+    ax.title.set_size(FONT + 1)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=SMALL_FONT, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=ncol,
+                  frameon=False, borderaxespad=0.0)
 
 
 def _uri(fig) -> str:
     from fetalscan.figures import figure_data_uri
 
     return figure_data_uri(fig, dpi=100)
+
+
+def _wrap_label(name: str, width: int = 14) -> str:
+    """A class name broken at underscores / spaces into lines of about ``width`` characters."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(str(name).replace("_", " "), width, break_long_words=False)) or str(name)
 
 
 def _prob_matrix(df: pd.DataFrame, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,20 +140,21 @@ def roc_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: s
     y, p = _prob_matrix(df, classes)
     if not _any_defined(y, len(classes)):
         return None
-    fig, ax = _fig()
+    fig, ax = _fig(FIG_WIDTH, 6.2)
     for k, c in enumerate(classes):
         pos = y == k
         if 0 < pos.sum() < len(y):
             fpr, tpr, _ = roc_curve(pos, p[:, k])
-            ax.plot(fpr, tpr, color=_COLOURS[k % len(_COLOURS)], lw=1.4,
-                    label=f"{c} ({fmt(metrics['per_class'][c]['auroc'], 2)}, n={int(pos.sum())})")
-    onehot = np.eye(len(classes), dtype=bool)[y]
-    if 0 < onehot.sum() < onehot.size:
+            ax.plot(fpr, tpr, color=_COLOURS[k % len(_COLOURS)], lw=1.8,
+                    label=f"{c} (AUROC {fmt(metrics['per_class'][c]['auroc'], 2)}, n={int(pos.sum())})")
+    micro = metrics.get("micro_auroc")
+    if micro is not None and math.isfinite(micro):
+        onehot = np.eye(len(classes), dtype=bool)[y]
         fpr, tpr, _ = roc_curve(onehot.ravel(), p.ravel())
-        ax.plot(fpr, tpr, "k--", lw=1.2, label=f"micro-average ({fmt(metrics.get('micro_auroc'), 2)})")
+        ax.plot(fpr, tpr, "k--", lw=1.5, label=f"micro-average (AUROC {fmt(micro, 2)})")
     ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=7, loc="lower right")
+    _style(ax)
     return _uri(fig)
 
 
@@ -139,41 +166,49 @@ def pr_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: st
     y, p = _prob_matrix(df, classes)
     if not _any_defined(y, len(classes)):
         return None
-    fig, ax = _fig()
+    fig, ax = _fig(FIG_WIDTH, 6.2)
     for k, c in enumerate(classes):
         pos = y == k
         if 0 < pos.sum() < len(y):
             prec, rec, _ = precision_recall_curve(pos, p[:, k])
-            ax.step(rec, prec, where="post", color=_COLOURS[k % len(_COLOURS)], lw=1.4,
+            ax.step(rec, prec, where="post", color=_COLOURS[k % len(_COLOURS)], lw=1.8,
                     label=f"{c} (AP {fmt(metrics['per_class'][c]['average_precision'], 2)}, "
-                          f"prev. {pos.mean():.2f})")
+                          f"prevalence {pos.mean():.2f})")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=7, loc="lower left")
+    _style(ax)
     return _uri(fig)
 
 
 def confusion_figure(cm: dict, title: str) -> str:
-    """Confusion matrix: colour = share of each true class (row), text = count."""
+    """Confusion matrix: colour = share of each true class (row), text = count.
+
+    Class names are written horizontally, wrapped at underscores, in 11 pt; with more
+    than 8 classes the column names are turned 45 degrees (still 11 pt)."""
     labels, m = cm["labels"], np.asarray(cm["matrix"], dtype=float)
     k = len(labels)
-    size = max(3.6, 0.55 * k + 2.2)
-    fig, ax = _fig(size, size * 0.9)
+    width = max(FIG_WIDTH, 1.25 * k + 2.6)
+    fig, ax = _fig(width, max(5.6, 1.0 * k + 2.0))
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.nan_to_num(m / m.sum(1, keepdims=True))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=FONT,
                     color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(k), labels, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    names = [_wrap_label(c) for c in labels]
+    if k <= 8:
+        ax.set_xticks(range(k), names, fontsize=SMALL_FONT)
+    else:
+        ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=SMALL_FONT)
+    ax.set_yticks(range(k), names, fontsize=SMALL_FONT)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    _style(ax, legend=False)
     return _uri(fig)
 
 
 def reliability_figure(before: dict, after: dict | None, title: str) -> str:
     """Reliability diagram: accuracy vs confidence per bin, before and after temperature scaling."""
-    fig, ax = _fig(4.6, 4.2)
+    fig, ax = _fig(FIG_WIDTH, 6.2)
     ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, label="perfect calibration")
     for block, name, colour in ((before, "before", "#d62728"), (after, "after", "#1f77b4")):
         if not block:
@@ -183,10 +218,10 @@ def reliability_figure(before: dict, after: dict | None, title: str) -> str:
         acc = np.array(bins["accuracy"], dtype=float)
         cnt = np.array(bins["count"], dtype=float)
         ok = cnt > 0
-        ax.plot(conf[ok], acc[ok], "o-", color=colour, ms=4, lw=1.2,
-                label=f"{name} (ECE {fmt(block['ece'])})")
+        label = (f"{name} temperature scaling" if after else "as given") + f" (ECE {fmt(block['ece'])})"
+        ax.plot(conf[ok], acc[ok], "o-", color=colour, ms=5, lw=1.5, label=label)
     ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=7, loc="upper left")
+    _style(ax)
     return _uri(fig)
 
 
@@ -200,7 +235,7 @@ def screening_figure(frames: dict, screening: dict) -> str | None:
     truths = {key: labelled_rows(frames[key])["label"].astype(str).to_numpy() != normal for key in ("image", "patient")}
     if not any(0 < t.sum() < len(t) for t in truths.values()):
         return None
-    fig, ax = _fig(4.8, 4.2)
+    fig, ax = _fig(FIG_WIDTH, 6.2)
     for level, key, colour in (("image", "image", "#ff7f0e"), ("patient", "patient", "#1f77b4")):
         df = labelled_rows(frames[key])
         truth = truths[key]
@@ -208,15 +243,15 @@ def screening_figure(frames: dict, screening: dict) -> str | None:
             continue
         fpr, tpr, _ = roc_curve(truth, 1 - df[f"p_{normal}"].to_numpy())
         block = screening[level]
-        ax.plot(fpr, tpr, color=colour, lw=1.4, label=f"{level} (AUROC {fmt(block['roc']['auroc'])})")
+        ax.plot(fpr, tpr, color=colour, lw=1.8, label=f"{level} level (AUROC {fmt(block['roc']['auroc'])})")
         op = block.get("operating_point")
         if op:
-            ax.plot([1 - op["specificity"]], [op["sensitivity"]], "o", color=colour, ms=7,
-                    markeredgecolor="black", label=f"{level} operating point")
+            ax.plot([1 - op["specificity"]], [op["sensitivity"]], "o", color=colour, ms=8,
+                    markeredgecolor="black", label=f"{level}-level operating point")
     ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8)
     ax.axhline(screening["target_sensitivity"], color="#999999", ls=":", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Any anomaly vs normal", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=7, loc="lower right")
+    _style(ax, ncol=2)
     return _uri(fig)
 
 
@@ -229,37 +264,38 @@ def forest_figure(block: dict, overall: float | None) -> str:
     """
     rows = block["rows"]
     kind = "wilson" if block["level"] == "patient" else "bootstrap"
-    fig, ax = _fig(5.6, 0.45 * len(rows) + 1.4)
+    fig, ax = _fig(FIG_WIDTH, 0.42 * len(rows) + 1.6)
     for i, r in enumerate(rows):
         y = len(rows) - 1 - i
         lo, hi = (r.get("accuracy_ci") or {}).get(kind) or [np.nan, np.nan]
-        ax.plot([lo, hi], [y, y], color="#333333", lw=1.2)
-        ax.plot([r["accuracy"]], [y], "s", ms=6, color="white" if r["small"] else "#1f77b4",
+        ax.plot([lo, hi], [y, y], color="#333333", lw=1.4)
+        ax.plot([r["accuracy"]], [y], "s", ms=7, color="white" if r["small"] else "#1f77b4",
                 markeredgecolor="#1f77b4")
     ax.set_yticks(range(len(rows))[::-1], [f"{r['subgroup']} (n={r['n_groups']} pt{', small' if r['small'] else ''})"
-                                          for r in rows], fontsize=8)
+                                          for r in rows], fontsize=SMALL_FONT)
     if overall is not None and math.isfinite(overall):
         ax.axvline(overall, color="#999999", ls="--", lw=0.8)
     ax.set(xlim=(0, 1.02), xlabel="accuracy (95% CI, " + ("Wilson, patients" if kind == "wilson" else
                                                          "patient bootstrap") + ")", title=f"By {block['column']}")
+    _style(ax, legend=False)
     return _uri(fig)
 
 
 def shortcut_figure(block: dict) -> str:
     """Model vs probe AUROC (with intervals) for each comparison."""
     comps = block["comparisons"]
-    fig, ax = _fig(5.6, 0.7 * len(comps) + 1.4)
+    fig, ax = _fig(FIG_WIDTH, 0.7 * len(comps) + 1.8)
     for i, c in enumerate(comps):
         y = len(comps) - 1 - i
         for off, key, colour, name in ((0.15, "model", "#1f77b4", "model"), (-0.15, "probe", "#d62728",
                                                                               "image-statistics probe")):
             ci = c[f"{key}_ci"] or [np.nan, np.nan]
-            ax.plot([ci[0], ci[1]], [y + off, y + off], color=colour, lw=1.2)
+            ax.plot([ci[0], ci[1]], [y + off, y + off], color=colour, lw=1.4)
             ax.plot([c[key]], [y + off], "o", color=colour, label=name if i == 0 else None)
     ax.axvline(0.5, color="#bbbbbb", lw=0.8)
-    ax.set_yticks(range(len(comps))[::-1], [c["metric"] for c in comps], fontsize=8)
+    ax.set_yticks(range(len(comps))[::-1], [c["metric"] for c in comps], fontsize=SMALL_FONT)
     ax.set(xlim=(0.3, 1.02), xlabel="AUROC (95% CI)", title="Model vs a probe that sees no anatomy")
-    ax.legend(fontsize=7, loc="lower left")
+    _style(ax, ncol=2)
     return _uri(fig)
 
 
@@ -268,13 +304,17 @@ def counts_figure(dataset: dict) -> str:
     classes = list(dataset["per_class"])
     imgs = [dataset["per_class"][c]["images"] for c in classes]
     grps = [dataset["per_class"][c]["groups"] for c in classes]
-    fig, ax = _fig(max(4.0, 0.5 * len(classes) + 2), 3.2)
+    fig, ax = _fig(max(FIG_WIDTH, 0.9 * len(classes) + 2), 4.4)
     x = np.arange(len(classes))
     ax.bar(x - 0.2, imgs, 0.4, label="images", color="#9ecae1")
     ax.bar(x + 0.2, grps, 0.4, label="patients (groups)", color="#3182bd")
-    ax.set_xticks(x, classes, rotation=45, ha="right", fontsize=7)
+    if len(classes) <= 8:
+        ax.set_xticks(x, [_wrap_label(c) for c in classes], fontsize=SMALL_FONT)
+    else:
+        ax.set_xticks(x, [_wrap_label(c) for c in classes], rotation=45, ha="right", rotation_mode="anchor",
+                      fontsize=SMALL_FONT)
     ax.set(ylabel="count", title="Cases per class")
-    ax.legend(fontsize=7)
+    _style(ax, ncol=2)
     return _uri(fig)
 
 
@@ -308,15 +348,22 @@ def read_explainability(run_dir: Path) -> dict:
             gallery = None
         from fetalscan.figures import file_data_uri
 
+        shown: dict = {}
         for i, item in enumerate(gallery or []):
             if not isinstance(item, dict) or "overlay" not in item:
                 notes.append(f"{gpath}: item {i} has no 'overlay'; skipped")
+                continue
+            key = (item.get("path"), item.get("frame"))
+            if item.get("path") and key in shown:  # one image, two roles (older gallery.json): show it once
+                role = f"{item.get('kind', '')} for {item.get('class', '')}"
+                shown[key]["also"] = [*shown[key].get("also", []), role]
                 continue
             png = (Path(run_dir) / str(item["overlay"]))
             if not png.is_file():
                 notes.append(f"{gpath}: item {i}: overlay {png} not found; skipped")
                 continue
             items.append({**item, "uri": file_data_uri(png)})
+            shown[key] = items[-1]
     curves = None
     if faith is not None:
         rel = (faith.get("figures") or {}).get("curves") if isinstance(faith.get("figures"), dict) else None

@@ -1,18 +1,22 @@
 """The study design end to end: grouped cross-validation and the final model.
 
 ``run_cv``: rare-class policy -> decode images once -> folds + inner splits ->
-leakage audit (refuses to train on failure) -> one model per fold, early-stopped
-on its inner split -> out-of-fold predictions -> image- and patient-level metrics.
+leakage audit (refuses to train on failure) -> one model per fold, its head's
+regularisation (C or epoch count) chosen by an inner grouped CV on the fold's
+training groups (:mod:`fetalscan.training.selection`) -> out-of-fold predictions ->
+image- and patient-level metrics -> the linear-probe baseline on the same folds ->
+with ``repeats`` > 1, the whole split again with other seeds (mean and spread).
 
-``run_train``: the same on all data, with an inner split for early stopping,
-written to ``model.pt``.
+``run_train``: the same selection over all data, then one refit (or the ensemble
+of the inner-fold models), written to ``model.pt``.
 
 Run folder of ``run_cv``::
 
     predictions.csv            out-of-fold image-level predictions (the contract)
     patients.csv               the same aggregated per group
-    inner_val_predictions.csv  each fold's model on its own inner-validation groups
-                               (for calibration / thresholds chosen without test data)
+    inner_val_predictions.csv  held-out predictions of each fold's inner CV on its training
+                               groups (for calibration / thresholds chosen without test data)
+    baseline_predictions.csv   the linear-probe baseline's out-of-fold predictions (same folds)
     folds.csv                  group -> fold
     audit.json                 leakage audit
     metrics.json               metrics + configuration + provenance
@@ -32,6 +36,7 @@ import torch
 
 from fetalscan.data.records import Dataset, prepare_images
 from fetalscan.errors import FetalscanError, SplitError
+from fetalscan.evaluation.baseline import BASELINE_FILE
 from fetalscan.evaluation.calibration_analysis import final_model_calibration
 from fetalscan.evaluation.metrics import metrics_from_frame
 from fetalscan.fileio import (
@@ -76,10 +81,15 @@ from fetalscan.texts import DISCLAIMER
 from fetalscan.training.loop import (
     FitResult,
     TrainConfig,
-    fit_finetune,
-    fit_head,
     freeze_backbone,
     new_model,
+)
+from fetalscan.training.selection import (
+    HeadFit,
+    fit_cached_head,
+    fit_finetuned,
+    is_linear_probe,
+    linear_probe_config,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +110,8 @@ class CVConfig:
     aggregate: str = "mean"
     normal_class: str = "normal"
     save_fold_models: str = "auto"  # "auto" | "yes" | "no"
+    repeats: int = 1  # grouped k-fold rerun with seeds seed, seed+1, ...; mean and spread reported
+    baseline: bool = True  # the linear-probe baseline on the same folds (logreg on frozen embeddings)
 
     def validate(self) -> None:
         if self.scheme not in ("kfold", "logo"):
@@ -110,6 +122,11 @@ class CVConfig:
             raise FetalscanError(f"save_fold_models must be auto, yes or no, got {self.save_fold_models!r}")
         if self.aggregate not in AGGREGATIONS:
             raise FetalscanError(f"aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
+        if self.repeats < 1:
+            raise FetalscanError(f"repeats must be >= 1, got {self.repeats}")
+        if self.repeats > 1 and self.scheme != "kfold":
+            raise FetalscanError("repeats > 1 needs scheme='kfold': leave-one-group-out has a single split, "
+                                 "so every repeat would be the same")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +141,12 @@ class FoldOutput:
     val_probs: np.ndarray
     fit: FitResult
     seconds: float
+    val_idx: np.ndarray | None = None  # records of val_probs (None: fold.inner_val)
+
+    @property
+    def held_out(self) -> np.ndarray:
+        """Record indices of ``val_probs``."""
+        return self.fold.inner_val if self.val_idx is None else self.val_idx
 
 
 def _class_map(dataset: Dataset) -> dict[str, str]:
@@ -149,24 +172,21 @@ def _merge_duplicate_groups(dataset: Dataset, hashes: np.ndarray, threshold: int
 
 
 def _train_fold(
-    fold: Fold, y: np.ndarray, images: torch.Tensor, emb: torch.Tensor | None,
+    fold: Fold, dataset: Dataset, images: torch.Tensor, emb: torch.Tensor | None,
     cfg: TrainConfig, n_classes: int, device: torch.device, seed: int, fixed_epochs: bool = False,
-) -> tuple[torch.nn.Module | torch.nn.Sequential, FitResult]:
-    """Train one model on ``fold.inner_train`` early-stopped on ``fold.inner_val``.
+) -> HeadFit:
+    """Train one model on ``fold``'s training groups (its test records are never read).
 
-    Returns the trained head (cached mode) or the whole model (fine-tuning).
+    Its hyper-parameter is chosen by an inner grouped CV over those groups
+    (:mod:`fetalscan.training.selection`). Returns the trained head (cached mode) or
+    the whole model (fine-tuning) with the inner CV's held-out predictions.
     """
-    tr, va = fold.inner_train, fold.inner_val
+    y, labels, groups = dataset.y, dataset.labels, dataset.groups
     if cfg.mode == "cached":
         if emb is None:
             raise FetalscanError("cached mode needs the embeddings of the images (emb)")
-        return fit_head(emb[tr], y[tr], emb[va], y[va], n_classes, cfg, seed)
-    seed_everything(seed)
-    model = new_model(cfg, n_classes)
-    pre = get_backbone_spec(cfg.backbone).preprocessing
-    fit = fit_finetune(model, pre, images[tr], y[tr], images[va], y[va], n_classes, cfg, device, seed,
-                       fixed_epochs=fixed_epochs)
-    return model, fit
+        return fit_cached_head(emb, y, labels, groups, fold, n_classes, cfg, seed)
+    return fit_finetuned(images, y, labels, groups, fold, n_classes, cfg, device, seed, fixed_epochs)
 
 
 def _fold_probs(trained, idx: np.ndarray, images: torch.Tensor, emb: torch.Tensor | None,
@@ -209,7 +229,6 @@ def cross_validate_folds(
     """
     from fetalscan.progress import track
 
-    y = dataset.y
     n = len(dataset.classes)
     if cfg.mode == "cached" and emb is None:
         _, emb = embed_dataset(images, cfg, n, device)
@@ -217,17 +236,19 @@ def cross_validate_folds(
     for fold in track(folds, "cross-validation folds", total=len(folds)):
         t0 = time.perf_counter()
         seed = cfg.seed + fold.index
-        trained, fit = _train_fold(fold, y, images, emb, cfg, n, device, seed, fixed_epochs)
+        hf = _train_fold(fold, dataset, images, emb, cfg, n, device, seed, fixed_epochs)
         outputs.append(FoldOutput(
             fold,
-            _fold_probs(trained, fold.test, images, emb, cfg, device),
-            _fold_probs(trained, fold.inner_val, images, emb, cfg, device),
-            fit,
+            _fold_probs(hf.module, fold.test, images, emb, cfg, device),
+            hf.val_probs,
+            hf.fit,
             time.perf_counter() - t0,
+            hf.val_idx,
         ))
         if on_fold is not None:
-            on_fold(fold, trained)
-        log.info("fold %d: best epoch %d, inner-val loss %.4f", fold.index, fit.best_epoch, fit.best_val_loss)
+            on_fold(fold, hf.module)
+        log.info("fold %d: %s = %s (%s)", fold.index, hf.fit.selection.get("parameter"),
+                 hf.fit.selection.get("chosen"), hf.fit.selection.get("method"))
     return outputs
 
 
@@ -268,7 +289,7 @@ def _fold_model_saver(out: Path, dataset: Dataset, cfg: TrainConfig, cv: CVConfi
 
 
 def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path | None,
-                    final: bool) -> tuple[Dataset, torch.Tensor, list[Fold], dict]:
+                    final: bool) -> tuple[Dataset, torch.Tensor, list[Fold], dict, np.ndarray]:
     """Decode images, build folds (or the final split), audit, write ``audit.json`` (when ``out``)."""
     pre = get_backbone_spec(cfg.backbone).preprocessing
     images, hashes = prepare_images(dataset.records, pre, with_hashes=True)
@@ -285,7 +306,7 @@ def _load_and_audit(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path 
         prepare_out_dir(out, overwrite=True)  # checked at the start of the run; created only now
         write_json(out / "audit.json", report.to_dict())
     raise_if_failed(report, str(out / "audit.json") if out is not None else "the leakage audit")
-    return dataset, images, folds, report.to_dict()
+    return dataset, images, folds, report.to_dict(), hashes
 
 
 @dataclass
@@ -306,6 +327,7 @@ class CVResult:
     metrics: dict
     classes: list[str]
     out: Path | None = None
+    baseline: pd.DataFrame | None = None  # the linear-probe baseline's out-of-fold predictions
 
 
 def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path | None = None,
@@ -326,7 +348,7 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path | N
     device = resolve_device(cfg.device)
     dataset = apply_rare_class_policy(dataset, min_groups_required(cv.scheme, cv.folds), cv.rare_classes,
                                       cv.merged_name)
-    dataset, images, folds, audit = _load_and_audit(dataset, cfg, cv, out, final=False)
+    dataset, images, folds, audit, hashes = _load_and_audit(dataset, cfg, cv, out, final=False)
     backbone, emb = (embed_dataset(images, cfg, len(dataset.classes), device) if cfg.mode == "cached"
                      else (None, None))
     on_fold, finish = (_fold_model_saver(out, dataset, cfg, cv, len(folds)) if out is not None
@@ -335,15 +357,15 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path | N
     finish(backbone)
 
     classes = dataset.classes
-    test_parts, val_parts = [], []
-    for o in outputs:
-        recs = [dataset.records[i] for i in o.fold.test]
-        test_parts.append(predictions_frame(recs, o.test_probs, classes, o.fold.index))
-        vrecs = [dataset.records[i] for i in o.fold.inner_val]
-        val_parts.append(predictions_frame(vrecs, o.val_probs, classes, o.fold.index))
-    preds = pd.concat(test_parts, ignore_index=True).sort_values(["fold", "group", "path", "frame"], kind="stable")
-    inner = pd.concat(val_parts, ignore_index=True)
+    preds, inner = _oof_frames(dataset, outputs)
     patients = aggregate_groups(preds, classes, cv.aggregate, cv.normal_class)
+    probe = _LinearProbe(dataset, images, cfg, device, emb) if cv.baseline else None
+    baseline_preds, baseline_block = None, {"available": False, "note": "switched off (baseline=False)"}
+    if probe is not None:
+        baseline_preds, baseline_block = probe.run(folds, outputs, preds, cv)
+    repeats_block = None
+    if cv.repeats > 1:
+        repeats_block = _repeat_cv(dataset, images, hashes, cfg, cv, device, emb, probe, patients, baseline_preds)
 
     metrics = {
         "disclaimer": DISCLAIMER,
@@ -354,9 +376,12 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path | N
         "image_level": metrics_from_frame(preds, classes),
         "patient_level": metrics_from_frame(patients, classes),
         "patient_level_by_aggregation": _all_aggregations(preds, classes, cv.normal_class),
-        "folds": [{"fold": o.fold.index, "n_test": int(len(o.fold.test)), "n_inner_val": int(len(o.fold.inner_val)),
+        "folds": [{"fold": o.fold.index, "n_test": int(len(o.fold.test)), "n_inner_val": int(len(o.held_out)),
                    "best_epoch": o.fit.best_epoch, "inner_val_loss": o.fit.best_val_loss,
-                   "epochs_run": o.fit.epochs_run, "seconds": round(o.seconds, 3)} for o in outputs],
+                   "epochs_run": o.fit.epochs_run, "seconds": round(o.seconds, 3),
+                   "selection": o.fit.selection} for o in outputs],
+        "baseline": baseline_block,
+        "repeats": repeats_block,
         "audit": {"passed": audit["passed"], "near_duplicate_pairs": len(audit["near_duplicate_pairs"]),
                   "warnings": audit["warnings"]},
         "seconds": round(time.perf_counter() - t0, 2),
@@ -368,9 +393,140 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path | N
     if out is not None:
         write_csv(out / "folds.csv", folds_table)
         write_csv(out / "inner_val_predictions.csv", inner)
+        if baseline_preds is not None:
+            write_csv(out / BASELINE_FILE, baseline_preds)
         write_prediction_files(out, preds, patients)
         write_json(out / "metrics.json", metrics)
-    return CVResult(preds, patients, inner, folds_table, audit, metrics, list(classes), out)
+    return CVResult(preds, patients, inner, folds_table, audit, metrics, list(classes), out, baseline_preds)
+
+
+def _oof_frames(dataset: Dataset, outputs: list[FoldOutput]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Out-of-fold test predictions (sorted as ``predictions.csv``) and the held-out inner predictions."""
+    classes = dataset.classes
+    test_parts, val_parts = [], []
+    for o in outputs:
+        recs = [dataset.records[i] for i in o.fold.test]
+        test_parts.append(predictions_frame(recs, o.test_probs, classes, o.fold.index))
+        vrecs = [dataset.records[i] for i in o.held_out]
+        val_parts.append(predictions_frame(vrecs, o.val_probs, classes, o.fold.index))
+    preds = pd.concat(test_parts, ignore_index=True).sort_values(["fold", "group", "path", "frame"], kind="stable")
+    return preds, pd.concat(val_parts, ignore_index=True)
+
+
+def patient_summary(patients: pd.DataFrame, classes: list[str], normal_class: str = "normal") -> dict:
+    """Patient-level macro AUROC, abnormal-vs-normal AUROC (1 - p(normal)), balanced accuracy and accuracy."""
+    from fetalscan.evaluation.bootstrap import auroc_with_ci
+    from fetalscan.evaluation.metrics import labelled_rows
+
+    m = metrics_from_frame(patients, classes)
+    abnormal = None
+    if normal_class in classes:
+        lab = labelled_rows(patients)
+        truth = lab["label"].astype(str).to_numpy() != normal_class
+        if 0 < truth.sum() < len(truth):
+            abnormal = auroc_with_ci(1 - lab[f"p_{normal_class}"].to_numpy(), truth, lab["group"].astype(str).tolist(),
+                                     n_boot=0)["auroc"]
+    return {"macro_auroc": m["macro_auroc"], "abnormal_auroc": abnormal, "balanced_accuracy": m["balanced_accuracy"],
+            "accuracy": m["accuracy"], "n": m["n"]}
+
+
+class _LinearProbe:
+    """The linear-probe baseline of a cv run: ``logreg`` (C by inner grouped 5-fold CV) on the frozen
+    embeddings of the run's backbone, trained under the run's folds. The embeddings are the run's own
+    in cached mode, else computed once with the frozen pretrained backbone."""
+
+    def __init__(self, dataset: Dataset, images: torch.Tensor, cfg: TrainConfig, device: torch.device,
+                 emb: torch.Tensor | None) -> None:
+        self.dataset, self.images, self.cfg, self.device = dataset, images, cfg, device
+        self.same = is_linear_probe(cfg)
+        self._emb = emb if cfg.mode == "cached" else None
+
+    def emb(self) -> torch.Tensor:
+        if self._emb is None:
+            _, self._emb = embed_dataset(self.images, linear_probe_config(self.cfg), len(self.dataset.classes),
+                                         self.device)
+        return self._emb
+
+    def predictions(self, folds: list[Fold], cfg: TrainConfig, outputs: list[FoldOutput] | None = None,
+                    preds: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list]:
+        """Out-of-fold baseline predictions under ``folds`` and the C chosen in each fold."""
+        if self.same and outputs is not None and preds is not None:
+            return preds, [o.fit.selection.get("chosen") for o in outputs]
+        base = linear_probe_config(cfg)
+        outs = cross_validate_folds(self.dataset, self.images, folds, base, self.device, emb=self.emb())
+        return _oof_frames(self.dataset, outs)[0], [o.fit.selection.get("chosen") for o in outs]
+
+    def run(self, folds: list[Fold], outputs: list[FoldOutput], preds: pd.DataFrame, cv: CVConfig
+            ) -> tuple[pd.DataFrame, dict]:
+        from fetalscan.training.selection import C_GRID
+
+        t0 = time.perf_counter()
+        base_preds, chosen = self.predictions(folds, self.cfg, outputs, preds)
+        classes = self.dataset.classes
+        pat = aggregate_groups(base_preds, classes, cv.aggregate, cv.normal_class)
+        cfg = self.cfg
+        block = {
+            "available": True, "name": "linear-probe baseline",
+            "recipe": (f"L2 logistic regression, class-balanced, on the standardised frozen {cfg.backbone} "
+                       f"({cfg.pretrained}) embeddings; C chosen from {C_GRID[0]:g}..{C_GRID[-1]:g} "
+                       f"({len(C_GRID)} values) by an inner grouped 5-fold CV on each fold's training groups; "
+                       "the model's folds and patient-level rule"),
+            "same_as_model": self.same, "chosen_c": chosen, "predictions": BASELINE_FILE,
+            "image_level": {k: v for k, v in metrics_from_frame(base_preds, classes).items()
+                            if k in ("n", "accuracy", "balanced_accuracy", "macro_auroc")},
+            "patient_level": patient_summary(pat, classes, cv.normal_class),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        return base_preds, block
+
+
+def _spread(values: list) -> dict:
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if not len(v):
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "n": int(len(v))}
+
+
+REPEAT_METRICS = ("macro_auroc", "abnormal_auroc", "balanced_accuracy")
+
+
+def _repeat_cv(dataset: Dataset, images: torch.Tensor, hashes: np.ndarray, cfg: TrainConfig, cv: CVConfig,
+               device: torch.device, emb: torch.Tensor | None, probe: _LinearProbe | None, patients: pd.DataFrame,
+               baseline_preds: pd.DataFrame | None) -> dict:
+    """Rerun the grouped split with seeds ``seed + 1 .. seed + repeats - 1``; per-repeat patient-level
+    figures of the model (and baseline) and their mean, SD and range over all repeats."""
+    from fetalscan.progress import track
+
+    classes, labels, groups = dataset.classes, dataset.labels, dataset.groups
+    names = [r.image_id for r in dataset.records]
+
+    def summary(frame: pd.DataFrame | None) -> dict | None:
+        if frame is None:
+            return None
+        return patient_summary(aggregate_groups(frame, classes, cv.aggregate, cv.normal_class), classes,
+                               cv.normal_class)
+
+    rows = [{"seed": cfg.seed, "model": patient_summary(patients, classes, cv.normal_class),
+             "baseline": summary(baseline_preds)}]
+    for r in track(range(1, cv.repeats), "repeated cross-validation", total=cv.repeats - 1):
+        cfg_r = replace(cfg, seed=cfg.seed + r)
+        folds_r = make_folds(labels, groups, cv.scheme, cv.folds, cfg_r.seed, cfg.val_fraction)
+        report = audit_folds(folds_r, labels, groups, names, hashes, cv.phash_threshold)
+        raise_if_failed(report, f"the leakage audit of repeat seed {cfg_r.seed}")
+        outs = cross_validate_folds(dataset, images, folds_r, cfg_r, device, emb=emb)
+        preds_r, _ = _oof_frames(dataset, outs)
+        base_r = probe.predictions(folds_r, cfg_r, outs, preds_r)[0] if probe is not None else None
+        rows.append({"seed": cfg_r.seed, "model": summary(preds_r), "baseline": summary(base_r)})
+    out = {"n": cv.repeats, "seeds": [row["seed"] for row in rows], "per_repeat": rows,
+           "metrics": list(REPEAT_METRICS), "level": "patient",
+           "note": (f"predictions.csv, patients.csv, the report's tables and intervals are those of the first "
+                    f"repeat (seed {cfg.seed}); the other repeats only give the spread across splits"),
+           "summary": {}}
+    for who in ("model", "baseline"):
+        if all(row[who] is not None for row in rows):
+            out["summary"][who] = {k: _spread([row[who][k] for row in rows]) for k in REPEAT_METRICS}
+    return out
 
 
 def _all_aggregations(preds: pd.DataFrame, classes: list[str], normal_class: str) -> dict:
@@ -393,11 +549,15 @@ class FinalModel:
 
 
 def fit_final(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path | None = None) -> FinalModel:
-    """Train the final model on all data, early-stopped on an inner split of its groups.
+    """Train the final model on all data.
 
-    The classes follow the same rare-class policy as cross-validation (so the final
-    model has the classes CV evaluated); temperature and screening thresholds are
-    fitted on the inner-validation groups only. With ``out``, ``audit.json`` is written there.
+    Its head's C (or epoch count) is chosen by an inner grouped CV over all the
+    groups, then the head is refitted on all of them (or, with ``ensemble`` = k, the
+    k inner-fold models are kept and averaged); ``inner_folds=0`` keeps the old
+    single inner split with early stopping. The classes follow the same rare-class
+    policy as cross-validation (so the final model has the classes CV evaluated);
+    temperature and screening thresholds are fitted on the held-out predictions of
+    the inner CV (or the inner split) only. With ``out``, ``audit.json`` is written there.
     """
     cfg.validate()
     cv.validate()
@@ -405,29 +565,31 @@ def fit_final(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path | None
     device = resolve_device(cfg.device)
     dataset = apply_rare_class_policy(dataset, min_groups_required(cv.scheme, cv.folds), cv.rare_classes,
                                       cv.merged_name)
-    dataset, images, folds, audit = _load_and_audit(dataset, cfg, cv, out, final=True)
+    dataset, images, folds, audit, _ = _load_and_audit(dataset, cfg, cv, out, final=True)
     fold = folds[0]
     n = len(dataset.classes)
-    y = dataset.y
     if cfg.mode == "cached":
         model, emb = embed_dataset(images, cfg, n, device)
-        head, fit = fit_head(emb[fold.inner_train], y[fold.inner_train], emb[fold.inner_val], y[fold.inner_val],
-                             n, cfg, cfg.seed)
-        set_head(model, head.to(device))
-        val_probs = _fold_probs(head, fold.inner_val, images, emb, cfg, device)
+        hf = _train_fold(fold, dataset, images, emb, cfg, n, device, cfg.seed)
+        set_head(model, hf.module.to(device))
     else:
-        model, fit = _train_fold(fold, y, images, None, cfg, n, device, cfg.seed)
-        val_probs = _fold_probs(model, fold.inner_val, images, None, cfg, device)
+        hf = _train_fold(fold, dataset, images, None, cfg, n, device, cfg.seed)
+        model = hf.module
+    fit = hf.fit
     model.eval()
-    val_df = predictions_frame([dataset.records[i] for i in fold.inner_val], val_probs, dataset.classes)
+    val_df = predictions_frame([dataset.records[i] for i in hf.val_idx], hf.val_probs, dataset.classes)
     calibration = final_model_calibration(val_df, dataset.classes, normal_class=cv.normal_class,
                                           aggregate=cv.aggregate)
     prov = provenance(cfg.seed, dataset.data_hash(), device=str(device), data_source=dataset.source)
     training = {
         "config": cfg.to_dict(),
         "fit": fit.to_dict(),
-        "split": {"n_inner_train": int(len(fold.inner_train)), "n_inner_val": int(len(fold.inner_val)),
-                  "inner_val_groups": sorted({dataset.records[i].group for i in fold.inner_val})},
+        "split": ({"n_inner_train": int(len(fold.inner_train)), "n_inner_val": int(len(fold.inner_val)),
+                   "inner_val_groups": sorted({dataset.records[i].group for i in fold.inner_val})}
+                  if cfg.selection_folds == 0 else
+                  {"n_train": int(len(fold.train)), "n_train_groups": len(set(dataset.groups)),
+                   "inner_folds": fit.selection.get("n_inner_folds"),
+                   "calibration_data": "held-out predictions of the inner grouped CV (every training group)"}),
         "data": dataset.summary(),
         "notes": dataset.notes,
     }
@@ -435,7 +597,7 @@ def fit_final(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path | None
     loaded = LoadedModel(model, list(dataset.classes), get_backbone_spec(cfg.backbone).preprocessing,
                          architecture_of(cfg, n), meta)
     summary = {"classes": dataset.classes, "best_epoch": fit.best_epoch,
-               "inner_val_loss": fit.best_val_loss, "epochs_run": fit.epochs_run,
+               "inner_val_loss": fit.best_val_loss, "epochs_run": fit.epochs_run, "selection": fit.selection,
                "audit_passed": audit["passed"], "notes": dataset.notes, "calibration": calibration,
                "provenance": prov}
     return FinalModel(loaded, val_df, audit, summary)
