@@ -216,6 +216,7 @@ def test_gallery_shows_an_image_once_even_when_it_tops_two_lists():
     assert fn_other["row"] == 1  # the next most confident miss takes the place
 
 
+@pytest.mark.slow
 def test_report_gallery_of_an_older_run_shows_a_duplicated_image_once(tmp_path):
     from test_report import make_cv_run, tiny_png
 

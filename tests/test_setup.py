@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_python_m_fetalscan_is_the_command_line():
     done = subprocess.run([sys.executable, "-m", "fetalscan", "--version"], capture_output=True, text=True,
                           timeout=120)

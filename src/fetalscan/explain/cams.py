@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from fetalscan.errors import DataError, FetalscanError, ModelError
+from fetalscan.runtime import single_thread
 from fetalscan.texts import HEATMAP_DISCLAIMER as DISCLAIMER
 
 log = logging.getLogger(__name__)
@@ -285,18 +286,8 @@ def eigen_projection(activations: np.ndarray) -> np.ndarray:
     arbitrary sign, without its cost (NumPy's SVD took seconds per batch on a busy
     2-core CPU).
     """
-    with _one_thread():  # a tiny problem: do not wait for OpenMP workers still busy after the forward
+    with single_thread():  # a tiny problem: do not wait for OpenMP workers still busy after the forward
         return _eigen_projection(torch.nan_to_num(torch.as_tensor(np.asarray(activations), dtype=torch.float64)))
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _eigen_projection(a: torch.Tensor) -> np.ndarray:

@@ -21,7 +21,6 @@ Images arrive already prepared (``uint8 (N, C, h, w)``, see
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -39,6 +38,7 @@ from fetalscan.models.registry import (
     get_backbone_spec,
 )
 from fetalscan.progress import track
+from fetalscan.runtime import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -206,19 +206,6 @@ def fit_finetune(
     return FitResult(best[1], best[0], len(history), history)
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run tiny full-batch head fits on one intra-op thread (restored afterwards).
-
-    On a busy 2-core machine a 300-epoch head fit on ~100 embeddings took 4-10 s with
-    two threads and 0.1 s with one: the per-op threading overhead dwarfs the work.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fit_head(

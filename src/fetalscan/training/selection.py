@@ -46,9 +46,15 @@ from fetalscan.errors import FetalscanError
 from fetalscan.inference.predict import predict_logits, softmax_with_temperature
 from fetalscan.models.heads import EnsembleHead, linear_head_from_logreg
 from fetalscan.models.registry import get_backbone_spec
-from fetalscan.runtime import seed_everything
+from fetalscan.runtime import seed_everything, single_thread
 from fetalscan.splits import Fold, inner_group_folds
-from fetalscan.training.loop import FitResult, TrainConfig, fit_finetune, fit_head, new_model, single_thread
+from fetalscan.training.loop import (
+    FitResult,
+    TrainConfig,
+    fit_finetune,
+    fit_head,
+    new_model,
+)
 
 log = logging.getLogger(__name__)
 
