@@ -120,8 +120,8 @@ def baseline_comparison(run_dir: str | Path, model_patients: pd.DataFrame, class
         message = (f"Warning: the model's patient-level macro AUROC {main['model']:.3f} is not above the linear-probe "
                    f"baseline's interval ({main['baseline']:.3f}, {cfg.confidence:.0%} CI {main['baseline_ci'][0]:.3f}"
                    f"–{upper:.3f}): a logistic regression on the frozen embeddings of the same backbone, under the "
-                   "same folds, does as well. The trained model has not been shown to add anything to it; prefer the "
-                   "simpler model (`--head logreg`) unless other evidence favours this one.")
+                   "same folds, does as well or better. The trained model has not been shown to add anything to it; "
+                   "prefer the simpler model (`--head logreg`) unless other evidence favours this one.")
     else:
         message = (f"The model's patient-level macro AUROC {main['model']:.3f} is above the linear-probe baseline's "
                    f"interval ({main['baseline']:.3f}, CI up to {upper:.3f}).")
