@@ -132,21 +132,29 @@ def _any_defined(y: np.ndarray, k: int) -> bool:
     return bool(((counts > 0) & (counts < len(y))).any())
 
 
+def _one_vs_rest(df: pd.DataFrame, classes: Sequence[str]):
+    """``(y, p, [(k, class, positives)])`` for the classes with both positive and negative cases,
+    or ``None`` when no class has both (no ROC or PR curve is defined)."""
+    y, p = _prob_matrix(df, classes)
+    if not _any_defined(y, len(classes)):
+        return None
+    return y, p, [(k, c, y == k) for k, c in enumerate(classes) if 0 < (y == k).sum() < len(y)]
+
+
 def roc_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: str) -> str | None:
     """One-vs-rest ROC curve of every class (AUROC in the legend) plus the micro-average;
     ``None`` when the data hold a single class (no curve is defined)."""
     from sklearn.metrics import roc_curve
 
-    y, p = _prob_matrix(df, classes)
-    if not _any_defined(y, len(classes)):
+    curves = _one_vs_rest(df, classes)
+    if curves is None:
         return None
+    y, p, per_class = curves
     fig, ax = _fig(FIG_WIDTH, 6.2)
-    for k, c in enumerate(classes):
-        pos = y == k
-        if 0 < pos.sum() < len(y):
-            fpr, tpr, _ = roc_curve(pos, p[:, k])
-            ax.plot(fpr, tpr, color=_COLOURS[k % len(_COLOURS)], lw=1.8,
-                    label=f"{c} (AUROC {fmt(metrics['per_class'][c]['auroc'], 2)}, n={int(pos.sum())})")
+    for k, c, pos in per_class:
+        fpr, tpr, _ = roc_curve(pos, p[:, k])
+        ax.plot(fpr, tpr, color=_COLOURS[k % len(_COLOURS)], lw=1.8,
+                label=f"{c} (AUROC {fmt(metrics['per_class'][c]['auroc'], 2)}, n={int(pos.sum())})")
     micro = metrics.get("micro_auroc")
     if micro is not None and math.isfinite(micro):
         onehot = np.eye(len(classes), dtype=bool)[y]
@@ -163,17 +171,16 @@ def pr_figure(df: pd.DataFrame, classes: Sequence[str], metrics: dict, title: st
     ``None`` when the data hold a single class."""
     from sklearn.metrics import precision_recall_curve
 
-    y, p = _prob_matrix(df, classes)
-    if not _any_defined(y, len(classes)):
+    curves = _one_vs_rest(df, classes)
+    if curves is None:
         return None
+    _, p, per_class = curves
     fig, ax = _fig(FIG_WIDTH, 6.2)
-    for k, c in enumerate(classes):
-        pos = y == k
-        if 0 < pos.sum() < len(y):
-            prec, rec, _ = precision_recall_curve(pos, p[:, k])
-            ax.step(rec, prec, where="post", color=_COLOURS[k % len(_COLOURS)], lw=1.8,
-                    label=f"{c} (AP {fmt(metrics['per_class'][c]['average_precision'], 2)}, "
-                          f"prevalence {pos.mean():.2f})")
+    for k, c, pos in per_class:
+        prec, rec, _ = precision_recall_curve(pos, p[:, k])
+        ax.step(rec, prec, where="post", color=_COLOURS[k % len(_COLOURS)], lw=1.8,
+                label=f"{c} (AP {fmt(metrics['per_class'][c]['average_precision'], 2)}, "
+                      f"prevalence {pos.mean():.2f})")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=title, xlim=(0, 1), ylim=(0, 1.02))
     _style(ax)
     return _uri(fig)
