@@ -177,6 +177,15 @@ def table(results: dict, backbone_label: str) -> str:
     return "\n".join(lines)
 
 
+def scored(name, seed, dataset, parts, n_boot, secs, say) -> dict:
+    """Patient-level scores of one head and split, with its wall time, printed as one line."""
+    scores = patient_scores(dataset, parts, n_boot, seed)
+    scores["seconds"] = secs
+    say(f"  {name:13s} seed {seed}: macro AUROC {scores['macro_auroc']:.3f}, balanced acc "
+        f"{scores['balanced_accuracy']:.3f}, abnormal AUROC {scores['abnormal_auroc']:.3f} ({secs:.1f} s)")
+    return scores
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -238,12 +247,7 @@ def main(argv=None) -> int:
                 else:
                     cfg = TrainConfig(backbone=backbone, pretrained=pretrained, seed=seed, **HEADS[name])
                     parts = run_fetalscan_head(dataset, images, folds, cfg, emb, device)
-                secs = time.perf_counter() - t0
-                scores = patient_scores(dataset, parts, args.n_boot, seed)
-                scores["seconds"] = secs
-                per_seed.append(scores)
-                say(f"  {name:13s} seed {seed}: macro AUROC {scores['macro_auroc']:.3f}, balanced acc "
-                    f"{scores['balanced_accuracy']:.3f}, abnormal AUROC {scores['abnormal_auroc']:.3f} ({secs:.1f} s)")
+                per_seed.append(scored(name, seed, dataset, parts, args.n_boot, time.perf_counter() - t0, say))
             results[name] = {**summarise(per_seed), "per_seed": per_seed}
         if backbone == "sononet16" and not args.no_finetune:
             note = (f"fine-tuning: {args.finetune_seeds} seed(s) instead of {args.seeds}, at most "
@@ -258,12 +262,7 @@ def main(argv=None) -> int:
                                   epochs=args.finetune_epochs, patience=4, inner_folds=0, batch_size=16)
                 t0 = time.perf_counter()
                 parts = run_fetalscan_head(dataset, images, folds, cfg, None, device)
-                secs = time.perf_counter() - t0
-                scores = patient_scores(dataset, parts, args.n_boot, seed)
-                scores["seconds"] = secs
-                per_seed.append(scores)
-                say(f"  finetune      seed {seed}: macro AUROC {scores['macro_auroc']:.3f}, balanced acc "
-                    f"{scores['balanced_accuracy']:.3f}, abnormal AUROC {scores['abnormal_auroc']:.3f} ({secs:.1f} s)")
+                per_seed.append(scored("finetune", seed, dataset, parts, args.n_boot, time.perf_counter() - t0, say))
             results["finetune"] = {**summarise(per_seed), "per_seed": per_seed}
         report["backbones"][backbone] = {"available": True, "label": label, "heads": results}
         texts.append(table(results, label))
