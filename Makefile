@@ -8,19 +8,35 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fetalscan-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean system
+
+# Debian packages some parts run for real: Orthanc + its DICOMweb plugin (the PACS round trip),
+# Chromium (the browser tests), tesseract (the burned-in text check). Installed with apt-get
+# when missing and we are root; otherwise the tests that need them are skipped and say why.
+SYSTEM_PACKAGES ?= orthanc orthanc-dicomweb chromium tesseract-ocr
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	@touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system
+
+system:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } || \
+	  echo "could not install$$missing; the tests that need them will be skipped"; \
+	else echo "missing Debian packages:$$missing (install them as root: apt-get install$$missing); the tests that need them are skipped"; fi
 
 demo: $(STAMP)
 	$(BIN)/fetalscan demo
 
-test: $(STAMP)
+test: $(STAMP) system
 	$(BIN)/python -m pytest -q
 
 # make serve: install, make the demo model if it is missing, start the web service on

@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("explain",),
     ("biometry",),
     ("report",),
+    ("pacs",),
     ("reader",),
     ("api",),
     ("serve",),

@@ -27,6 +27,7 @@ the settings name (closed by default); every response carries security headers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -49,6 +50,7 @@ from fetalscan.serve.analysis import (
     UploadRejected,
     quiet_dicom_logs,
 )
+from fetalscan.serve.context import API, ServiceContext
 from fetalscan.serve.settings import ServeSettings, token_matches
 from fetalscan.serve.store import ReviewStore, StudyCache
 from fetalscan.texts import DISCLAIMER
@@ -57,15 +59,14 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 
-API = "/api/v1"
+#: Modules under ``fetalscan.serve`` whose ``add_routes(app, ctx)`` adds a group of routes.
+ROUTE_MODULES: tuple[str, ...] = ()
 
 #: Paths anyone may read: the page, its files, health and the API description.
 PUBLIC = re.compile(r"^(/|/static/.*|/api/v1/health|/docs|/docs/oauth2-redirect|/openapi\.json|/favicon\.ico)$")
 
 #: Colour map of the heatmaps (as :class:`fetalscan.explain.cams.ExplainConfig`'s default).
 HEATMAP_COLORMAP = "jet"
-
-_STUDY_ID = re.compile(r"^[0-9a-f]{32}$")
 
 #: Content-Security-Policy of the page: nothing but this origin (images also as blob: URLs).
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -128,6 +129,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(401, "missing or wrong access token", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_token)]
+    ctx = ServiceContext(settings=settings, analyzer=analyzer, store=store, cache=cache, auth=auth)
+    app.state.ctx = ctx
 
     # ------------------------------------------------------------------ errors as JSON
     @app.exception_handler(UploadRejected)
@@ -197,10 +200,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         cache.put(study["id"], cached)
         return result
 
-    def _study_id(study_id: str) -> str:
-        if not _STUDY_ID.match(study_id):
-            raise HTTPException(404, f"study {study_id!r} not found (ids are 32 hex digits)")
-        return study_id
+    _study_id = ctx.study_id
 
     @app.get(f"{API}/studies/{{study_id}}", tags=["analysis"], dependencies=auth, summary="A study's result")
     def study(study_id: str) -> dict:
@@ -220,12 +220,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     def _image(study_id: str, index: int):
         sid = _study_id(study_id)
-        cached = cache.get(sid)
-        if cached is None:
-            known = store.get_study(sid) is not None
-            raise HTTPException(404, f"the images of study {sid} are no longer held (the service keeps the last "
-                                     f"{settings.max_studies} studies in memory, never on disk); analyse the files "
-                                     "again" if known else f"study {sid} not found")
+        cached = ctx.cached_study(sid)
         if not 0 <= index < len(cached.images):
             raise HTTPException(404, f"study {sid} has images 0-{len(cached.images) - 1}, not {index}")
         return cached.images[index]
@@ -294,6 +289,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def reviews_csv() -> Response:
         return Response(store.reviews_csv(), media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": 'attachment; filename="reviews.csv"'})
+
+    for name in ROUTE_MODULES:
+        importlib.import_module(f"fetalscan.serve.{name}").add_routes(app, ctx)
 
     # ------------------------------------------------------------------ guards (added last = outermost)
     if settings.cors_origins:
