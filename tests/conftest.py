@@ -107,3 +107,23 @@ def toy_manifest(tmp_path: Path) -> Callable[..., Path]:
         return write_manifest(tmp_path / "toy" / "manifest.csv", rows)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A classifier checkpoint trained on 24 two-class blob images (6 groups per class), for the
+    service, report and stream tests: real weights, seconds to make, no shared data needed."""
+    from fetalscan.api import Classifier
+
+    root = tmp_path_factory.mktemp("tiny_classifier")
+    rows, k = [], 0
+    for ci, c in enumerate(("abnormal", "normal")):
+        for g in range(6):
+            for i in range(2):
+                rel = f"{c}/{c}_{g}_{i}.png"
+                write_png(root / rel, blob_image(k, bright=ci == 0))
+                rows.append({"path": rel, "label": c, "group": f"{c}_{g}"})
+                k += 1
+    manifest = write_manifest(root / "manifest.csv", rows)
+    Classifier(head_epochs=20, seed=0, device="cpu").fit(manifest).save(root / "model.pt")
+    return root / "model.pt"

@@ -34,22 +34,8 @@ API = "/api/v1"
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A classifier trained on 24 two-class blob images (6 groups per class; the conftest helpers)."""
-    from fetalscan.api import Classifier
-
-    root = tmp_path_factory.mktemp("serve_model")
-    rows, k = [], 0
-    for ci, c in enumerate(("abnormal", "normal")):
-        for g in range(6):
-            for i in range(2):
-                rel = f"{c}/{c}_{g}_{i}.png"
-                write_png(root / rel, blob_image(k, bright=ci == 0))
-                rows.append({"path": rel, "label": c, "group": f"{c}_{g}"})
-                k += 1
-    manifest = write_manifest(root / "manifest.csv", rows)
-    Classifier(head_epochs=20, seed=0, device="cpu").fit(manifest).save(root / "model.pt")
-    return root / "model.pt"
+def tiny_model(tiny_classifier) -> Path:
+    return tiny_classifier
 
 
 @pytest.fixture(scope="module")
