@@ -35,6 +35,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "fetalscan"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "fileio", "runtime", "progress", "figures", "texts"),
     ("data",),
+    ("privacy",),
     ("splits",),
     ("models",),
     ("quality",),
