@@ -1,88 +1,21 @@
-"""A real ``fetalscan serve`` process on a free loopback port, and a real Chromium, for tests.
+"""Helpers for tests that need the real service and a real browser.
 
-Not a test module: ``tests/test_browser.py`` (and any test that needs the service as
-users run it) imports :func:`running_service` and :func:`chromium_path`. The service is
-started exactly as a user starts it (``python -m fetalscan serve ...``) with a temporary
-review database, waited for on ``/api/v1/health``, and always stopped afterwards.
+:func:`running_service` is :func:`fetalscan.serve.process.running_service` (a
+``fetalscan serve`` process on a free loopback port, always stopped afterwards);
+:func:`chromium_path` finds Debian's Chromium (``make system`` installs it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
+from fetalscan.serve.process import Service, free_port, running_service
 
-#: Seconds a service may take to load its models and listen (2 busy cores: generous).
-START_TIMEOUT_S = 180.0
-
-
-@dataclass(frozen=True)
-class Service:
-    url: str
-    token: str
-    log: Path
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_service(model: Path, workdir: Path, *, token: str = "browser-test-token-0123456789",
-                    extra_args: Sequence[str] = ()) -> Iterator[Service]:
-    """``fetalscan serve --model MODEL`` on a free loopback port until the block ends."""
-    port = free_port()
-    log = workdir / "serve.log"
-    env = {**os.environ, "FETALSCAN_TOKEN": token, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "fetalscan", "serve", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--db", str(workdir / "reviews.sqlite"), "--device", "cpu", *extra_args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_healthy(proc, url, log)
-            yield Service(url=url, token=token, log=log)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=20)
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fetalscan serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{url}/api/v1/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"fetalscan serve did not answer within {START_TIMEOUT_S:.0f} s:\n"
-                       f"{log.read_text(errors='replace')}")
+__all__ = ["Service", "chromium_path", "free_port", "running_service"]
 
 
 def chromium_path() -> str | None:
-    """Debian's Chromium (``make system`` installs it), or ``None``."""
+    """Debian's Chromium, or ``None``."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)
         if found:
