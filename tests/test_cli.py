@@ -143,10 +143,17 @@ def test_predict_with_a_foreign_checkpoint_exits_2(tmp_path: Path, capsys) -> No
 def test_demo_runs_on_the_embedded_sample(tmp_path: Path, capsys) -> None:
     code, out, err = _run(capsys, "demo", "--out", tmp_path / "demo")
     assert code == 0, err
-    for name in ("metrics.json", "predictions.csv", "patients.csv", "model.pt"):
+    for name in ("metrics.json", "predictions.csv", "patients.csv", "model.pt", "model_card.md"):
         assert (tmp_path / "demo" / name).is_file(), name
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["data"]["n_images"] == 166 and metrics["patient_level"]["n"] == 64
+    # the report and the card describe the final model, with the run's cross-validated metrics
+    from fetalscan.fileio import sha256_file
+
+    sha = sha256_file(tmp_path / "demo" / "model.pt")
+    card = (tmp_path / "demo" / "model_card.md").read_text()
+    assert sha in card and f"{metrics['patient_level']['macro_auroc']:.3f}" in card
+    assert 'id="model-card"' in (tmp_path / "demo" / "report.html").read_text()
     assert "different source" in out
 
 

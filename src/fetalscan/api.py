@@ -191,10 +191,14 @@ def run_study(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, evaluation: Eval
               overwrite: bool = False) -> dict:
     """``fetalscan cv``: grouped cross-validation into ``out`` and its evaluation report.
 
-    Returns the content of ``metrics.json``.
+    Returns the content of ``metrics.json``. Every configuration is validated before any work,
+    so a bad evaluation option (``n_boot=0``) is refused before training, not after it.
     """
+    evaluation = evaluation or EvaluationConfig(seed=cfg.seed)
+    for config in (cfg, cv, evaluation):
+        config.validate()
     result = run_cv(dataset, cfg, cv, out, overwrite)
-    return evaluate_run(result.out, evaluation or EvaluationConfig(seed=cfg.seed))
+    return evaluate_run(result.out, evaluation)
 
 
 def embedded_sample() -> Path:
@@ -210,12 +214,13 @@ def embedded_sample() -> Path:
 
 def run_demo(out: str | Path = "runs/demo", manifest: str | Path | None = None, *, seed: int = 0,
              device: str = "auto") -> tuple[dict, dict]:
-    """``fetalscan demo``: 5-fold grouped CV with its report and a final model, into ``out``.
+    """``fetalscan demo``: a final model, then 5-fold grouped CV with its report and the model card, into ``out``.
 
     Returns ``(metrics, train_summary)``.
     """
     manifest = Path(manifest) if manifest is not None else embedded_sample()
     cfg, cv = TrainConfig(seed=seed, device=device), CVConfig()
-    metrics = run_study(load_dataset(manifest), cfg, cv, EvaluationConfig(seed=seed), out, overwrite=True)
+    # the final model first, so that the run's report and model_card.md describe it
     summary = run_train(load_dataset(manifest), cfg, cv, out, overwrite=True)
+    metrics = run_study(load_dataset(manifest), cfg, cv, EvaluationConfig(seed=seed), out, overwrite=True)
     return metrics, summary

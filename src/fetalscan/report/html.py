@@ -426,7 +426,8 @@ def _environment():
     return env
 
 
-def render_report(metrics: dict, frames: dict, run_dir: Path, explain: dict | None = None) -> str:
+def render_report(metrics: dict, frames: dict, run_dir: Path, explain: dict | None = None, *,
+                  card: dict | None = None) -> str:
     """The HTML of ``report.html`` for an evaluated run.
 
     Parameters
@@ -438,6 +439,9 @@ def render_report(metrics: dict, frames: dict, run_dir: Path, explain: dict | No
         ``patient_calibrated``).
     run_dir : path
         The run folder (explainability overlays are read from it).
+    card : dict, optional
+        The model card of the run's final model (:func:`fetalscan.report.model_card.model_card`);
+        shown as its own section when given.
     """
     for key in ("task", "image_level", "patient_level", "dataset"):
         if key not in metrics:
@@ -445,7 +449,8 @@ def render_report(metrics: dict, frames: dict, run_dir: Path, explain: dict | No
     explain = explain or read_explainability(Path(run_dir))
     figs = build_figures(metrics, frames)
     template = _environment().get_template("report.html.j2")
-    return template.render(m=metrics, figs=figs, explain=explain, sections=SECTIONS, disclaimer=DISCLAIMER,
+    sections = SECTIONS if card is None else SECTIONS[:-1] + (("model-card", "Model card"),) + SECTIONS[-1:]
+    return template.render(m=metrics, figs=figs, explain=explain, sections=sections, disclaimer=DISCLAIMER, card=card,
                            classes=metrics["task"]["classes"], run_dir=str(run_dir),
                            json_dump=lambda o: json.dumps(o, indent=1, default=str))
 

@@ -50,7 +50,7 @@ def evaluate_run(run_dir: str | Path, config: EvaluationConfig | None = None, *,
     dict
         The full content of the new ``metrics.json``.
     """
-    from fetalscan.fileio import provenance, write_json
+    from fetalscan.fileio import check_writable, lock_out_dir, provenance, write_json
     from fetalscan.report import html as report_mod
 
     cfg = config or EvaluationConfig()
@@ -61,6 +61,8 @@ def evaluate_run(run_dir: str | Path, config: EvaluationConfig | None = None, *,
     cfg.validate()
     t0 = time.perf_counter()
     run = load_run(run_dir)
+    if write:  # before any work: a read-only run folder, or one another command is writing, is refused now
+        lock_out_dir(check_writable(run.run_dir))
     thresholds = (run.metrics.get("external") or {}).get("screening_thresholds")
     blocks, frames = evaluate_frames(run, cfg, thresholds=thresholds)
     metrics = dict(run.metrics)
@@ -80,10 +82,25 @@ def evaluate_run(run_dir: str | Path, config: EvaluationConfig | None = None, *,
         "report": "report.html",
     }
     if write:
-        html = report_mod.render_report(metrics, frames, run.run_dir, explain)
+        card = _model_card_of_run(run.run_dir, metrics)
+        html = report_mod.render_report(metrics, frames, run.run_dir, explain, card=card)
         write_json(run.run_dir / "metrics.json", metrics)
         report_mod.write_report(run.run_dir / "report.html", html)
     return metrics
+
+
+def _model_card_of_run(run_dir: Path, metrics: dict) -> dict | None:
+    """The model card of the run's final model (``model.pt`` trained on the same data), written as
+    ``model_card.md``; ``None`` when the run has no such model."""
+    from fetalscan.fileio import write_text
+    from fetalscan.report.model_card import matching_run_metrics, model_card, render_markdown
+
+    checkpoint = Path(run_dir) / "model.pt"
+    if matching_run_metrics(checkpoint, metrics) is None:
+        return None
+    card = model_card(checkpoint, metrics=metrics)
+    write_text(Path(run_dir) / "model_card.md", render_markdown(card))
+    return card
 
 
 def evaluate_external(model: str | Path, dataset, out: str | Path, config: EvaluationConfig | None = None, *,
@@ -142,9 +159,12 @@ def evaluate_external(model: str | Path, dataset, out: str | Path, config: Evalu
                       screening.get("aggregate", aggregate) == aggregate else None,
                       "target_sensitivity": screening.get("target_sensitivity")}
     notes = list(data.notes) + [n for n in prediction.notes if not n.startswith("label(s)")]
+    unknown_counts = {label: sum(r.label == label for r in dataset.records) for label in sorted(unknown)}
     if unknown:
-        notes.append(f"label(s) {sorted(unknown)} are not classes of the model; those images are predicted but "
-                     "left out of the metrics (kept in label_original)")
+        listed = ", ".join(f"{label!r} ({n} image{'s' if n != 1 else ''})" for label, n in unknown_counts.items())
+        notes.append(f"label(s) {listed} are not classes of the model {loaded.classes}; those "
+                     f"{sum(unknown_counts.values())} image(s) are predicted but left unscored (out of the metrics; "
+                     "kept in label_original)")
     base = {
         "disclaimer": _disclaimer(),
         "task": {"classes": loaded.classes, "class_map": loaded.class_map, "notes": notes},
@@ -155,7 +175,7 @@ def evaluate_external(model: str | Path, dataset, out: str | Path, config: Evalu
             "model_training_data": ((loaded.meta.get("training") or {}).get("data") or {}),
             "temperature": loaded.temperature, "calibration": {k: v for k, v in calib.items() if k != "screening"},
             "screening_thresholds": thresholds, "aggregate": aggregate, "normal_class": normal_class,
-            "unknown_labels": sorted(unknown), "description": description,
+            "unknown_labels": sorted(unknown), "unknown_label_images": unknown_counts, "description": description,
             "note": "external validation: the model was trained elsewhere and nothing is fitted on these data",
         },
         "seconds_predict": round(time.perf_counter() - t0, 2),

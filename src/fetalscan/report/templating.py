@@ -24,6 +24,15 @@ def environment():
                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
+@functools.lru_cache(maxsize=1)
+def plain_environment():
+    """The same templates folder without HTML escaping, for text outputs (the Markdown model card)."""
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    return Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=False, undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+
+
 def render(template_name: str, **context) -> str:
     """Render ``templates/<template_name>`` with ``context``."""
     return environment().get_template(template_name).render(**context)
