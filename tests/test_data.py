@@ -245,7 +245,11 @@ def test_dicom_in_folder_tree_is_grouped_by_study(tmp_path: Path) -> None:
     _cine_dicom(tmp_path / "vm" / "c.dcm", frames, "1.2.826.2")
     ds = load_dataset(tmp_path)
     assert len(ds) == 6
-    assert {r.group for r in ds.records if r.label == "normal"} == {"1.2.826.1"}
+    from fetalscan.data.dicom import study_pseudonym
+
+    groups = {r.group for r in ds.records if r.label == "normal"}
+    assert groups == {study_pseudonym("1.2.826.1")} and next(iter(groups)).startswith("study-")
+    assert study_pseudonym("1.2.826.1") != study_pseudonym("1.2.826.2")  # the UID itself is never written
 
 
 def test_truncated_dicom_in_manifest_is_an_error_naming_it(tmp_path: Path) -> None:

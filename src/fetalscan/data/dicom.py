@@ -20,6 +20,7 @@ C.11.2 (VOI LUT Module).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -156,6 +157,11 @@ def read_dicom_info(path: str | Path) -> DicomInfo:
         (Rows, Columns or Photometric Interpretation missing).
     """
     path = Path(path)
+    with _corrupt_input_named(path):
+        return _dicom_info(path)
+
+
+def _dicom_info(path: Path) -> DicomInfo:
     ds = _read_dataset(path, stop_before_pixels=True)
     rows, columns, photometric = _image_geometry(path, ds)
     file_meta = getattr(ds, "file_meta", None)
@@ -174,6 +180,20 @@ def read_dicom_info(path: str | Path) -> DicomInfo:
         transfer_syntax=str(tsyntax) if tsyntax else None,
         bits_allocated=int(bits) if bits is not None else None,
     )
+
+
+def study_pseudonym(study_uid: str) -> str:
+    """The pseudonymous group id fetalscan writes for a DICOM study: ``study-`` + 16 hex digits.
+
+    A one-way hash (SHA-256) of the StudyInstanceUID, stable across runs and machines, so
+    frames and files of one study stay one group and results can be joined back by whoever
+    holds the original UIDs (a pseudonym, not anonymity: de-identify first with
+    ``fetalscan deid`` for that). No output of fetalscan carries the UID itself, which PS3.15
+    Annex E counts among the identifying attributes.
+    """
+    import hashlib
+
+    return "study-" + hashlib.sha256(("fetalscan-study:" + study_uid).encode()).hexdigest()[:16]
 
 
 def read_dicom_frames(
@@ -212,6 +232,25 @@ def read_dicom_frames(
     path = Path(path)
     if indices is not None and len(indices) == 0:
         return []
+    with _corrupt_input_named(path):
+        return _dicom_frames(path, indices)
+
+
+@contextlib.contextmanager
+def _corrupt_input_named(path: Path) -> Iterator[None]:
+    """Any failure other than ours becomes :class:`ImageReadError` naming the file: pydicom parses
+    elements lazily, so a corrupt element (wrong length, unknown VR, a list where a number belongs)
+    fails on first access, long after ``dcmread`` returned (found by tests/test_fuzz_readers.py)."""
+    try:
+        yield
+    except FetalscanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom and numpy raise many types on corrupt input
+        raise ImageReadError(f"{path}: corrupt DICOM file, an element cannot be read "
+                             f"({type(exc).__name__}: {exc})") from exc
+
+
+def _dicom_frames(path: Path, indices: Sequence[int] | None) -> list[np.ndarray]:
     ds = _read_dataset(path, stop_before_pixels=False)
     _image_geometry(path, ds)
     if "PixelData" not in ds:
@@ -488,3 +527,232 @@ def _lut_to_uint8(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype == np.uint8:
         return rgb[..., :3]
     return _scale(rgb[..., :3], 0.0, float(np.iinfo(rgb.dtype).max))
+
+
+# ---------------------------------------------------------------------------
+# Ultrasound regions (PS3.3 C.8.5.5) and the source identifiers of an image
+# ---------------------------------------------------------------------------
+
+#: PhysicalUnits X/Y Direction (PS3.3 C.8.5.5.1.15) code -> name.
+_UNIT_NAMES = {0: "none", 1: "percent", 2: "dB", 3: "cm", 4: "seconds", 5: "hertz", 6: "dB/seconds",
+               7: "cm/sec", 8: "cm2", 9: "cm2/sec", 0xA: "cm3", 0xB: "cm3/sec", 0xC: "degrees"}
+
+#: RegionSpatialFormat (PS3.3 C.8.5.5.1.1) code -> name.
+_FORMAT_NAMES = {0: "none", 1: "2D", 2: "M-Mode", 3: "Spectral", 4: "Wave form", 5: "Graphics"}
+
+
+@dataclass(frozen=True)
+class UltrasoundRegion:
+    """One item of (0018,6011) Sequence of Ultrasound Regions (PS3.3 C.8.5.5).
+
+    Bounds are inclusive pixel coordinates of the frame (x = column, y = row, 0-based):
+    (0018,6018) Region Location Min X0, (0018,601A) Min Y0, (0018,601C) Max X1,
+    (0018,601E) Max Y1. ``delta_x`` / ``delta_y`` are (0018,602C/602E) Physical Delta X/Y
+    in ``units_x`` / ``units_y`` per pixel (PS3.3 C.8.5.5.1.15 codes, 3 = cm).
+
+    Attributes
+    ----------
+    index : int
+        Position in the sequence (0-based).
+    x0, y0, x1, y1 : int or None
+        Inclusive bounds; None when the file omits them (the region then spans the frame).
+    spatial_format : int or None
+        (0018,6012) Region Spatial Format: 1 = 2D tissue or flow, 2 = M-mode, 3 = spectral ...
+    data_type : int or None
+        (0018,6014) Region Data Type: 1 = tissue, 2 = colour flow, 3 = PW spectral Doppler ...
+    units_x, units_y : int or None
+        (0018,6024/6026) Physical Units X/Y Direction.
+    delta_x, delta_y : float or None
+        Physical size of one pixel in those units (None if absent, zero or not finite).
+    """
+
+    index: int
+    x0: int | None
+    y0: int | None
+    x1: int | None
+    y1: int | None
+    spatial_format: int | None
+    data_type: int | None
+    units_x: int | None
+    units_y: int | None
+    delta_x: float | None
+    delta_y: float | None
+
+    @property
+    def is_2d(self) -> bool:
+        """RegionSpatialFormat 1: a 2D (B-mode or colour-flow) image, where lengths are measured."""
+        return self.spatial_format == _REGION_2D
+
+    @property
+    def calibrated_mm(self) -> bool:
+        """A 2D region with a positive Physical Delta X in cm: lengths in it can be given in mm."""
+        return self.is_2d and self.units_x == _UNITS_CM and self.delta_x is not None
+
+    @property
+    def spacing_mm(self) -> float | None:
+        """mm per pixel along x (Physical Delta X in cm * 10), or None if not in cm."""
+        return self.delta_x * 10.0 if self.units_x == _UNITS_CM and self.delta_x is not None else None
+
+    @property
+    def anisotropic(self) -> bool:
+        """Both directions in cm and Physical Delta Y differs from X by more than 0.1 %."""
+        return (self.units_x == _UNITS_CM and self.units_y == _UNITS_CM and self.delta_x is not None
+                and self.delta_y is not None and not math.isclose(self.delta_x, self.delta_y, rel_tol=1e-3))
+
+    def contains(self, x: float, y: float) -> bool:
+        """Whether the point (x = column, y = row, pixel centres at integers) lies in the region."""
+        lo_x = -0.5 if self.x0 is None else self.x0 - 0.5
+        lo_y = -0.5 if self.y0 is None else self.y0 - 0.5
+        hi_x = math.inf if self.x1 is None else self.x1 + 0.5
+        hi_y = math.inf if self.y1 is None else self.y1 + 0.5
+        return lo_x <= x < hi_x and lo_y <= y < hi_y
+
+    def describe(self) -> str:
+        """``region 1 (2D, x 336-639, y 24-415, 0.0383 cm/pixel)`` for messages."""
+        fmt = _FORMAT_NAMES.get(self.spatial_format, str(self.spatial_format))
+        unit = _UNIT_NAMES.get(self.units_x, str(self.units_x))
+        delta = f"{self.delta_x:.4g} {unit}/pixel" if self.delta_x is not None else "no physical delta"
+        return f"region {self.index} ({fmt}, x {self.x0}-{self.x1}, y {self.y0}-{self.y1}, {delta})"
+
+
+def ultrasound_regions(ds: Dataset) -> list[UltrasoundRegion]:
+    """Every region of (0018,6011) Sequence of Ultrasound Regions, in file order.
+
+    The US Region Calibration Module (DICOM PS3.3 C.8.5.5) lets one frame hold several
+    regions, e.g. a B-mode image beside a Doppler strip, two B-mode images side by side,
+    or a colour bar; each has its own bounds and its own calibration. For US Image and US
+    Multi-frame Image objects the sequence applies to every frame of the file.
+
+    Returns
+    -------
+    list of UltrasoundRegion
+        Empty when the file has no such sequence.
+    """
+    out = []
+    for i, r in enumerate(ds.get("SequenceOfUltrasoundRegions") or []):
+        out.append(UltrasoundRegion(
+            index=i,
+            x0=_int_or_none(r.get("RegionLocationMinX0")),
+            y0=_int_or_none(r.get("RegionLocationMinY0")),
+            x1=_int_or_none(r.get("RegionLocationMaxX1")),
+            y1=_int_or_none(r.get("RegionLocationMaxY1")),
+            spatial_format=_int_or_none(r.get("RegionSpatialFormat")),
+            data_type=_int_or_none(r.get("RegionDataType")),
+            units_x=_int_or_none(r.get("PhysicalUnitsXDirection")),
+            units_y=_int_or_none(r.get("PhysicalUnitsYDirection")),
+            delta_x=_positive(r.get("PhysicalDeltaX")),
+            delta_y=_positive(r.get("PhysicalDeltaY")),
+        ))
+    return out
+
+
+def region_at(regions: Sequence[UltrasoundRegion], x: float, y: float) -> UltrasoundRegion | None:
+    """The region in which lengths at pixel (x, y) are calibrated, or None.
+
+    Among the regions whose bounds contain the point, a 2D region calibrated in cm wins
+    (a colour bar or annotation region drawn over a B-mode image does not hide it), then
+    any 2D region, then the first one containing it (PS3.3 C.8.5.5: the calibration of a
+    point is that of the region it lies in). None when no region contains the point.
+
+    Examples
+    --------
+    >>> left = UltrasoundRegion(0, 0, 0, 99, 99, 1, 1, 3, 3, 0.01, 0.01)
+    >>> right = UltrasoundRegion(1, 100, 0, 199, 99, 1, 1, 3, 3, 0.02, 0.02)
+    >>> region_at([left, right], 150.0, 40.0).index
+    1
+    """
+    inside = [r for r in regions if r.contains(x, y)]
+    for rule in (lambda r: r.calibrated_mm, lambda r: r.is_2d, lambda r: True):
+        hit = next((r for r in inside if rule(r)), None)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and str(value).strip() != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+#: Patient (PS3.3 C.7.1.1), General Study (C.7.2.1) and Patient Study (C.7.2.2) attributes a
+#: derived object copies from its source so that a PACS files it with the patient and study.
+PATIENT_STUDY_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "PatientBirthDate", "PatientSex", "OtherPatientIDsSequence", "PatientComments",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDescription",
+    "PatientAge", "PatientSize", "PatientWeight",
+)
+
+#: The identifiers of the source instance itself (PS3.3 C.12.1 SOP Common, C.7.3.1 General Series).
+_INSTANCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "NumberOfFrames",
+                      "Rows", "Columns", "SequenceOfUltrasoundRegions", "PixelSpacing")
+
+
+@dataclass(frozen=True)
+class DicomSource:
+    """Where one analysed image came from in DICOM terms, for outputs that refer back to it.
+
+    Attributes
+    ----------
+    study_uid, series_uid, sop_instance_uid, sop_class_uid : str
+        (0020,000D), (0020,000E), (0008,0018), (0008,0016) of the source instance.
+    frame_number : int or None
+        1-based frame of a multi-frame source (PS3.3 C.7.6.6, Referenced Frame Number);
+        None for a single-frame instance.
+    header : pydicom.dataset.Dataset
+        A copy holding only the Patient, General Study and Patient Study module attributes
+        (:data:`PATIENT_STUDY_KEYWORDS`) and the instance identifiers; no pixels. It lives in
+        memory only; nothing logs it.
+    """
+
+    study_uid: str | None
+    series_uid: str | None
+    sop_instance_uid: str | None
+    sop_class_uid: str | None
+    frame_number: int | None
+    header: Any
+
+    @property
+    def referenceable(self) -> bool:
+        """All four UIDs present: another object can reference this instance."""
+        return all((self.study_uid, self.series_uid, self.sop_instance_uid, self.sop_class_uid))
+
+
+def read_dicom_source(path: str | Path, frame: int | None = None) -> DicomSource:
+    """The identifiers and patient/study header of a DICOM file (pixel data is not read).
+
+    Parameters
+    ----------
+    path : str or Path
+        A DICOM Part 10 image file.
+    frame : int or None
+        0-based frame index of a multi-frame file (stored 1-based, as DICOM counts frames).
+
+    A UID the file lacks is None (see :attr:`DicomSource.referenceable`).
+
+    Raises
+    ------
+    ImageReadError
+        The file is unreadable or not DICOM.
+    """
+    from pydicom.dataset import Dataset as _Dataset
+
+    path = Path(path)
+    ds = _read_dataset(path, stop_before_pixels=True)
+    header = _Dataset()
+    for keyword in PATIENT_STUDY_KEYWORDS + _INSTANCE_KEYWORDS:
+        if keyword in ds:
+            header[keyword] = ds[keyword]
+    n_frames = _n_frames(path, ds)
+    number = None if frame is None and n_frames <= 1 else int(frame or 0) + 1
+    uids = (_text(ds.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
+    return DicomSource(*uids, frame_number=number, header=header)
+
+
+def read_ultrasound_regions(path: str | Path) -> list[UltrasoundRegion]:
+    """:func:`ultrasound_regions` of a DICOM file's header (pixel data is not read)."""
+    return ultrasound_regions(_read_dataset(Path(path), stop_before_pixels=True))

@@ -26,6 +26,7 @@ import csv
 import hashlib
 import logging
 import re
+import struct
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 
 
+#: Images whose shorter side has fewer pixels than this are still used, with a warning naming the file:
+#: upsampled to the network's input they carry almost no anatomy (a 1 x 1 picture is a single colour).
+MIN_IMAGE_SIDE = 32
+
+
 @dataclass(frozen=True)
 class Record:
     """One image: a file (and frame, for DICOM cine / video) with its label and group."""
@@ -68,6 +74,7 @@ class Record:
     view: str | None = None
     pixel_spacing_mm: float | None = None
     source_row: int | None = None  # 1-based line in the manifest (header = line 1)
+    sector_mask: bool = False  # blank the pixels outside the scan sector when read (fetalscan.data.sector)
     label_original: str | None = None  # before --rare-classes merge
     extra: dict[str, str] = field(default_factory=dict, compare=False)  # other manifest columns
 
@@ -172,23 +179,66 @@ def media_kind(path: Path) -> str:
     return "unknown"
 
 
-def read_image(path: Path) -> np.ndarray:
+#: Largest still image (width x height) :func:`read_image` decodes; larger ones are refused before their
+#: pixels are decoded (decompression bombs: a 30000 x 30000 PNG of a few kB would need 2.7 GB). Ultrasound
+#: frames are below 2 million pixels. Override with ``FETALSCAN_MAX_IMAGE_PIXELS`` or ``read_image(max_pixels=)``.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of :func:`read_image`: ``$FETALSCAN_MAX_IMAGE_PIXELS``, else :data:`MAX_IMAGE_PIXELS`."""
+    import os
+
+    raw = os.environ.get("FETALSCAN_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"FETALSCAN_MAX_IMAGE_PIXELS must be a positive whole number of pixels, got {raw!r}")
+    return value
+
+
+def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """Read a still image file as RGB uint8 ``(H, W, 3)``; fully decoded or an error.
 
     16-bit grey images are scaled by their maximum to 0-255; alpha is dropped;
-    palette and CMYK images are converted. A truncated or corrupt file raises
-    :class:`ImageReadError` naming it.
+    palette and CMYK images are converted. A truncated or corrupt file, or one larger
+    than ``max_pixels`` (default :func:`max_image_pixels`; checked from the header,
+    before decoding), raises :class:`ImageReadError` naming it.
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
     try:
-        with Image.open(path) as im:
-            im.load()  # force the full decode: truncated files fail here
-            return _pil_to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(path) as im:
+                _check_size(path, im.size, limit)
+                im.load()  # force the full decode: truncated files fail here
+                return _pil_to_rgb(im)
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"unreadable or corrupt image {path}: {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: refused, larger than the limit of {limit:,} pixels (a decompression bomb, "
+                             f"or not an ultrasound frame; Pillow: {exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+            ZeroDivisionError, MemoryError, struct.error) as exc:  # Pillow's plugins raise all of these on bad input
+        raise ImageReadError(f"unreadable or corrupt image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_size(path: Path, size: tuple[int, int], limit: int) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageReadError(f"{path}: the image has no pixels ({w} x {h})")
+    if w * h > limit:
+        raise ImageReadError(
+            f"{path}: refused, {w} x {h} = {w * h:,} pixels is above the limit of {limit:,} (a decompression "
+            "bomb, or not an ultrasound frame); if the image is genuine, raise FETALSCAN_MAX_IMAGE_PIXELS")
 
 
 def _pil_to_rgb(im) -> np.ndarray:
@@ -207,7 +257,9 @@ def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndar
     """Yield ``(index, RGB image)`` for each record, decoding each multi-frame file once.
 
     Records of the same DICOM / video file are read together, in file order, and
-    yielded in the order of ``records`` within that file.
+    yielded in the order of ``records`` within that file. Records with ``sector_mask``
+    come back blanked outside the scan sector, one mask per file (the DICOM Ultrasound
+    Region Sequence, else the pixels of the frames read; :mod:`fetalscan.data.sector`).
     """
     by_file: dict[Path, list[int]] = defaultdict(list)
     order: list[Path] = []
@@ -219,11 +271,36 @@ def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndar
         idx = by_file[path]
         try:
             images = _read_frames(path, [records[i].frame for i in idx])
+            if records[idx[0]].sector_mask:
+                images = _mask_sector(path, images)
         except ImageReadError as exc:
             row = records[idx[0]].source_row
             raise ImageReadError(f"{exc} [manifest line {row}]" if row else str(exc)) from exc
         for i, image in zip(idx, images):
+            _warn_if_tiny(records[i], image)
             yield i, image
+
+
+def _warn_if_tiny(record: Record, image: np.ndarray) -> None:
+    """A warning naming the file when the image is smaller than :data:`MIN_IMAGE_SIDE` on its short side."""
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        log.warning("%s is only %d x %d pixels (below the minimum of %d on the short side): it is classified, "
+                    "but its result means little; check that it is the image you meant", record.where(), w, h,
+                    MIN_IMAGE_SIDE)
+
+
+def _mask_sector(path: Path, images: list[np.ndarray]) -> list[np.ndarray]:
+    """The images of one file blanked outside its scan sector (one mask for all of them); unmasked, with a
+    warning, when no sector is found."""
+    from fetalscan.data import sector
+
+    regions = sector.ultrasound_regions(path) if media_kind(path) == "dicom" else None
+    try:
+        return sector.mask_clip(images, regions, where=str(path))
+    except DataError as exc:  # e.g. an all-dark frame: used whole, and said
+        log.warning("%s; the image is used unmasked (--sector-mask)", exc)
+        return images
 
 
 def _read_frames(path: Path, frames: list[int | None]) -> list[np.ndarray]:
@@ -255,7 +332,8 @@ def expand_file(
 ) -> list[Record]:
     """Records for one file: one for an image, one per selected frame for DICOM / video.
 
-    ``group=None`` means "derive it": DICOM -> StudyInstanceUID (else the stem),
+    ``group=None`` means "derive it": DICOM -> a pseudonym of the StudyInstanceUID
+    (:func:`fetalscan.data.dicom.study_pseudonym`; else the stem),
     anything else -> the file stem.
     """
     if not path.is_file():
@@ -269,7 +347,7 @@ def expand_file(
         info = dicom.read_dicom_info(path)
         if meta.get("pixel_spacing_mm") is None and info.pixel_spacing_mm is not None:
             meta["pixel_spacing_mm"] = info.pixel_spacing_mm
-        group = group or info.study_uid or path.stem
+        group = group or (dicom.study_pseudonym(info.study_uid) if info.study_uid else path.stem)
         if info.n_frames <= 1:
             return [Record(path, label, group, name, **meta)]
         return [Record(path, label, group, name, frame=i, **meta)
@@ -336,6 +414,9 @@ def load_manifest(csv_path: Path, require_labels: bool = True, every_nth: int = 
     root = csv_path.parent
     records: list[Record] = []
     for line, raw in enumerate(rows, start=2):
+        if None in raw:  # csv.DictReader puts the cells beyond the header's columns under None
+            raise DataError(f"{csv_path}, line {line}: {len(raw[None])} more field(s) than the {len(columns)} "
+                            "column(s) of the header; quote cells that contain commas")
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         rel = row.get("path", "")
         if not rel:
@@ -346,9 +427,7 @@ def load_manifest(csv_path: Path, require_labels: bool = True, every_nth: int = 
         group = row.get("group") or None
         if "group" in columns and not group and require_labels:
             raise DataError(f"{csv_path}, line {line}, field 'group': empty")
-        path = (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
-        if not path.is_file():
-            raise DataError(f"{csv_path}, line {line}, field 'path': file does not exist: {rel}")
+        path = _manifest_path(root, rel, f"{csv_path}, line {line}, field 'path'")
         meta = {
             "ga_weeks": parse_float(row.get("ga_weeks", ""), "ga_weeks", line, csv_path),
             "pixel_spacing_mm": parse_float(row.get("pixel_spacing_mm", ""), "pixel_spacing_mm", line, csv_path),
@@ -362,8 +441,50 @@ def load_manifest(csv_path: Path, require_labels: bool = True, every_nth: int = 
             records.extend(expand_file(path, label, group, rel, every_nth, **meta))
         except DataError as exc:
             raise type(exc)(f"{csv_path}, line {line}: {exc}") from exc
+    check_repeated_rows(records, csv_path)
     check_group_labels(records, str(csv_path))
     return records
+
+
+def _manifest_path(root: Path, rel: str, where: str) -> Path:
+    """The file a manifest cell names (relative to the manifest's folder), or :class:`DataError`."""
+    try:
+        path = (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+        exists = path.is_file()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system ...
+        raise DataError(f"{where}: not a usable file path ({type(exc).__name__}: {exc})") from None
+    if not exists:
+        raise DataError(f"{where}: file does not exist: {rel}")
+    return path
+
+
+def check_repeated_rows(records: Sequence[Record], csv_path: Path) -> None:
+    """Raise :class:`DataError` when a manifest lists the same image (file, and frame) on two lines,
+    naming them: a repeated image would count twice in every metric."""
+    first: dict[tuple[Path, int | None], Record] = {}
+    pairs: dict[tuple[int | None, int | None], str] = {}
+    for r in records:
+        seen = first.setdefault((r.path, r.frame), r)
+        if seen is not r:
+            pairs.setdefault((seen.source_row, r.source_row), r.name)
+    if pairs:
+        shown = "; ".join(f"line {b} repeats line {a} ({name})" for (a, b), name in list(pairs.items())[:5])
+        more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
+        raise DataError(f"{csv_path}: {len(pairs)} repeated row(s): {shown}{more}. Each image must be listed once "
+                        "(a repeated image counts twice in every metric); remove the repeated lines")
+
+
+def check_label_spellings(records: Sequence[Record], source: str) -> None:
+    """Raise :class:`DataError` when two labels differ only in case or surrounding spaces (``Normal`` /
+    ``normal``), naming both spellings and an image of each: they would become two classes."""
+    first: dict[str, Record] = {}
+    for r in records:
+        if not r.label:
+            continue
+        seen = first.setdefault(r.label.strip().casefold(), r)
+        if seen.label != r.label:
+            raise DataError(f"{source}: labels {seen.label!r} ({seen.where()}) and {r.label!r} ({r.where()}) differ "
+                            "only in case or spaces and would become two classes; spell each class one way")
 
 
 def check_group_labels(records: Sequence[Record], source: str) -> None:
@@ -450,6 +571,7 @@ def load_dataset(
     group_regex: str | None = None,
     classes: Sequence[str] | None = None,
     every_nth: int = 1,
+    sector_mask: bool = False,
 ) -> Dataset:
     """Load any supported source into a :class:`Dataset`.
 
@@ -467,6 +589,9 @@ def load_dataset(
         Explicit class order. Labels outside it are an error. Default: sorted labels.
     every_nth : int
         Keep every N-th frame of cine DICOM and video files.
+    sector_mask : bool
+        Blank every pixel outside the scan sector when images are read
+        (:mod:`fetalscan.data.sector`), so a model sees the sector only.
     """
     path = Path(path).resolve()
     if every_nth < 1:
@@ -486,16 +611,28 @@ def load_dataset(
         records = load_unlabelled(path, group_regex, every_nth)
     if not records:
         raise DataError(f"{path}: no images found")
+    check_label_spellings(records, str(path))
     labels = sorted({r.label for r in records if r.label})
     if classes:
         unknown = sorted(set(labels) - set(classes))
         if unknown:
             raise DataError(f"{path}: label(s) {unknown} are not in the given classes {list(classes)}")
+        repeated = sorted({c for c in classes if list(classes).count(c) > 1})
+        if repeated:
+            raise DataError(f"classes: {repeated} named more than once in {list(classes)}")
+        empty = [c for c in classes if c not in labels]
+        if labels and empty:
+            raise DataError(f"{path}: class(es) {empty} given in classes have no images (labels found: {labels}); "
+                            "remove them from --classes or add their images")
         class_list = list(classes)
     else:
         class_list = labels
+    if sector_mask:
+        from dataclasses import replace
+
+        records = [replace(r, sector_mask=True) for r in records]
     loading = {"group_regex": group_regex, "classes": list(classes) if classes else None, "every_nth": every_nth,
-               "require_labels": require_labels}
+               "require_labels": require_labels, "sector_mask": sector_mask}
     return Dataset(records, class_list, str(path), loading=loading)
 
 
