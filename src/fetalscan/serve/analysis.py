@@ -110,6 +110,9 @@ class Analyzer:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.loaded = load_checkpoint(settings.model, self.device)
+        from fetalscan.inference.predict import use_backend
+
+        use_backend(self.loaded, settings.backend, self.device)  # every prediction of the service runs on it
         self.model_sha256 = sha256_file(settings.model)
         self.segmenter = None
         self.biometry_sha256 = None
@@ -124,7 +127,8 @@ class Analyzer:
 
     def warm_up(self) -> None:
         """Load the plane gate and the heatmap library and run each model once on a blank image,
-        so that the first upload takes as long as any other (about 8 s less on a 2-core CPU)."""
+        so that the first upload takes as long as any other (about 8 s less on a 2-core CPU);
+        this also exports the classifier to ONNX (or reads its cache) when its backend is ONNX Runtime."""
         from fetalscan.explain.cams import ExplainConfig, explain_arrays
         from fetalscan.inference.predict import probabilities_of_arrays
         from fetalscan.quality.planes import classify_planes
@@ -356,9 +360,18 @@ class Analyzer:
         from fetalscan.quality.planes import HEAD_PLANES
 
         ps = record.pixel_spacing_mm if record.pixel_spacing_mm is not None else pixel_size_mm
-        m = self.segmenter.measure(image, ps, where=record.image_id)
+        source = "DICOM" if record.pixel_spacing_mm is not None else "request" if pixel_size_mm is not None else None
+        regions = _calibrated_regions(record)
+        region = None
+        region_warn: list[str] = []
+        if regions:  # PS3.3 C.8.5.5: the calibration is that of the region holding the head
+            m, region, region_warn = self._measure_in_region(record, image, regions)
+            ps = m.pixel_size_mm
+            source = "DICOM" if ps is not None else None
+        else:
+            m = self.segmenter.measure(image, ps, where=record.image_id)
         e = m.ellipse
-        warn = list(m.warnings)
+        warn = list(m.warnings) + region_warn
         on_head_plane = plane in HEAD_PLANES if plane is not None else None
         if on_head_plane is False:
             warn.append(f"{record.image_id}: the plane gate reads {plane}, not a head plane; HC and BPD are "
@@ -368,8 +381,8 @@ class Analyzer:
             "unit": m.unit,
             "hc": _finite(m.hc), "bpd": _finite(m.bpd), "ofd": _finite(m.ofd),
             "pixel_size_mm": _finite(m.pixel_size_mm),
-            "pixel_size_source": ("DICOM" if record.pixel_spacing_mm is not None else
-                                  "request" if pixel_size_mm is not None else None),
+            "pixel_size_source": source if m.unit == "mm" else None,
+            "pixel_size_region": None if region is None else region.index,
             "ga_weeks": _finite(m.ga.weeks), "ga_2sd_weeks": _finite(m.ga.two_sd_weeks), "ga_text": m.ga.text(),
             "ellipse": ({k: _finite(v) for k, v in e.to_dict().items()} if e is not None else None),
             "head_plane": on_head_plane,
@@ -377,7 +390,63 @@ class Analyzer:
             "warnings": warn,
             "disclaimer": BIOMETRY_DISCLAIMER,
         }
+        bio["quality"] = None  # image quality score (docs/quality.md); "re-acquire" below its threshold
+        from fetalscan.biometry.quality import quality_summary
+
+        try:
+            bio["quality"] = quality_summary(self.segmenter, image, ps, where=record.image_id)
+        except FetalscanError as exc:
+            warn.append(f"{record.image_id}: no quality score ({exc})")
+        if bio["quality"] is not None and bio["quality"]["reacquire"]:
+            warn.append(f"{record.image_id}: image quality {bio['quality']['quality']:.2f} is below "
+                        f"{bio['quality']['threshold']:.2f}: re-acquire the image if possible")
         return bio, png_bytes(draw_overlay(image, m))
+
+    @staticmethod
+    def _dicom_source(record, sources: dict):
+        """The :class:`~fetalscan.data.dicom.DicomSource` of a record's DICOM file and frame, or None.
+
+        Read from the header while the upload folder still exists; kept in memory only (the
+        report routes refer back to the source study, series and instance with it)."""
+        from dataclasses import replace
+
+        from fetalscan.data.dicom import read_dicom_source
+        from fetalscan.data.records import media_kind
+
+        if record.path not in sources:
+            try:
+                sources[record.path] = read_dicom_source(record.path) if media_kind(record.path) == "dicom" else None
+            except FetalscanError:  # decoded moments ago; if its header fails now, outputs just cannot refer to it
+                sources[record.path] = None
+        source = sources[record.path]
+        if source is None or record.frame is None:
+            return source
+        return replace(source, frame_number=int(record.frame) + 1)
+
+    def _measure_in_region(self, record, image: np.ndarray, regions: list):
+        """Measure the head, then convert pixels to mm with the ultrasound region that holds the
+        fitted ellipse's centre (DICOM PS3.3 C.8.5.5); no mm when the centre lies in no
+        calibrated 2D region. Returns ``(measurement, region or None, warnings)``."""
+        from fetalscan.data.dicom import region_at
+
+        where = record.image_id
+        logit = self.segmenter.logits(self.segmenter.prepare(image)[None])[0]
+        probe = self.segmenter.measure_logits(logit, image.shape[:2], 1.0, where=where)  # geometry only
+        if probe.ellipse is None:
+            return self.segmenter.measure_logits(logit, image.shape[:2], None, where=where), None, []
+        cx, cy = probe.ellipse.cx, probe.ellipse.cy
+        region = region_at(regions, cx, cy)
+        if region is None or not region.calibrated_mm:
+            inside = "no ultrasound region" if region is None else region.describe()
+            warn = [f"{where}: the head's centre (x {cx:.0f}, y {cy:.0f} px) lies in {inside}, not in a 2D region "
+                    f"calibrated in cm (the file's calibrated regions: "
+                    f"{'; '.join(r.describe() for r in regions if r.calibrated_mm)}); lengths are given in pixels"]
+            return self.segmenter.measure_logits(logit, image.shape[:2], None, where=where), region, warn
+        warn = []
+        if region.anisotropic:
+            warn.append(f"{where}: {region.describe()} has anisotropic pixels (Physical Delta Y "
+                        f"{region.delta_y:.4g} cm); lengths use Physical Delta X")
+        return self.segmenter.measure_logits(logit, image.shape[:2], region.spacing_mm, where=where), region, warn
 
     def _result(self, study_id: str, records: list, prediction, extras: list, notes: list[str],
                 saved: dict[Path, str], root: Path) -> tuple[dict, CachedStudy]:
@@ -387,6 +456,7 @@ class Analyzer:
         cached = []
         df = prediction.images
         has_plane = "plane" in df
+        sources: dict = {}  # path -> DicomSource of frame 0 (or None), read once per file
         for k, (rec, (img_png, heat, exp, bio, bio_png)) in enumerate(zip(records, extras)):
             row = df.iloc[k]
             probs = {c: float(row[f"p_{c}"]) for c in classes}
@@ -408,7 +478,7 @@ class Analyzer:
             if bio is not None:
                 entry["biometry"] = {**bio, "overlay_url": f"{base}/images/{k}/biometry.png"}
             images.append(entry)
-            cached.append(CachedImage(img_png, heat, bio_png))
+            cached.append(CachedImage(img_png, heat, bio_png, dicom=self._dicom_source(rec, sources)))
         patient = prediction.patients.iloc[0]
         study_probs = {c: float(patient[f"p_{c}"]) for c in classes}
         all_notes = notes + [self._clean(n, saved, root) for n in prediction.notes]
@@ -473,6 +543,18 @@ def _first_name(message: str, saved: dict[Path, str]) -> str | None:
         if str(path) in message:
             return name
     return None
+
+
+def _calibrated_regions(record) -> list:
+    """All ultrasound regions of a record's DICOM file when one of them is a 2D region calibrated
+    in cm (PS3.3 C.8.5.5), else [] (other calibration sources then apply)."""
+    from fetalscan.data.dicom import read_ultrasound_regions
+    from fetalscan.data.records import media_kind
+
+    if media_kind(record.path) != "dicom":
+        return []
+    regions = read_ultrasound_regions(record.path)
+    return regions if any(r.calibrated_mm for r in regions) else []
 
 
 def _finite(value) -> float | None:
