@@ -48,8 +48,16 @@ class ServeSettings:
         Where uvicorn listens.
     db : Path
         SQLite file of the reviews and study summaries (created when missing).
+    audit_log : Path or None
+        The hash-chained audit trail (JSON lines; :mod:`fetalscan.serve.audit`); ``None``
+        (default): ``audit.jsonl`` beside ``db``.
     device : str
         ``auto``, ``cpu``, ``cuda`` ...
+    backend : str
+        Inference engine of the classifier: ``auto`` (ONNX Runtime on a CPU, PyTorch on
+        CUDA; default), ``torch`` or ``onnx``. Every prediction of the service (studies and
+        the live stream) runs on it, so they agree exactly with each other; ONNX Runtime
+        agrees with ``fetalscan predict``'s default PyTorch within 1e-4.
     max_request_mb : float
         Largest request body accepted, in MiB (413 above it).
     max_file_mb : float
@@ -79,6 +87,15 @@ class ServeSettings:
         uvicorn's log level.
     warm_up : bool
         Run each model once at start, so the first upload is not slower than the others.
+    pacs_url : str or None
+        DICOMweb root of the PACS (e.g. ``http://127.0.0.1:8042/dicom-web``) that
+        ``POST /api/v1/pacs/studies/{uid}/analyze`` retrieves studies from and stores the
+        SR and Secondary Captures to; ``None`` (default): that route answers 409.
+    pacs_user, pacs_password, pacs_token : str or None
+        PACS credentials: HTTP basic or a bearer token (``fetalscan serve`` reads them from
+        ``FETALSCAN_PACS_USER`` / ``FETALSCAN_PACS_PASSWORD`` / ``FETALSCAN_PACS_TOKEN``).
+    pacs_timeout_s : float
+        Seconds to wait for each answer from the PACS.
     """
 
     model: Path = DEFAULT_MODEL
@@ -88,7 +105,9 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     db: Path = DEFAULT_DB
+    audit_log: Path | None = None
     device: str = "auto"
+    backend: str = "auto"
     max_request_mb: float = 256.0
     max_file_mb: float = 200.0
     max_files: int = 64
@@ -102,6 +121,11 @@ class ServeSettings:
     cors_origins: list[str] = field(default_factory=list)
     log_level: str = "info"
     warm_up: bool = True
+    pacs_url: str | None = None
+    pacs_user: str | None = None
+    pacs_password: str | None = None
+    pacs_token: str | None = None
+    pacs_timeout_s: float = 60.0
 
     @property
     def max_request_bytes(self) -> int:
@@ -110,6 +134,11 @@ class ServeSettings:
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def audit_log_path(self) -> Path:
+        """The audit trail file: ``audit_log``, else ``audit.jsonl`` beside the review database."""
+        return Path(self.audit_log) if self.audit_log else Path(self.db).parent / "audit.jsonl"
 
     @property
     def auth_enabled(self) -> bool:
@@ -131,6 +160,8 @@ class ServeSettings:
             if len(self.token) < MIN_TOKEN_LENGTH:
                 raise FetalscanError(f"the access token is {len(self.token)} characters long; use at least "
                                      f"{MIN_TOKEN_LENGTH} (unset {TOKEN_ENV} to have one generated)")
+        if self.backend not in ("auto", "torch", "onnx"):
+            raise FetalscanError(f"--backend must be auto, torch or onnx, got {self.backend!r}")
         if not 0 < self.port < 65536:
             raise FetalscanError(f"--port must be 1-65535, got {self.port}")
         for name in ("max_request_mb", "max_file_mb"):
@@ -143,6 +174,21 @@ class ServeSettings:
             if origin == "*" or not origin.startswith(("http://", "https://")):
                 raise FetalscanError(f"--cors-origin {origin!r}: give a full origin such as "
                                      "https://pacs.example.org ('*' is not allowed)")
+        self.pacs_config()  # a bad --pacs-url fails at start, not at the first request
+
+    def pacs_config(self):
+        """The PACS connection (:class:`fetalscan.pacs.PacsConfig`), or ``None`` without ``pacs_url``.
+
+        Raises :class:`~fetalscan.pacs.PacsError` (a ``FetalscanError``) for an unusable URL
+        or credentials."""
+        if not self.pacs_url:
+            return None
+        from fetalscan.pacs.client import PacsConfig
+
+        cfg = PacsConfig(url=self.pacs_url, username=self.pacs_user, password=self.pacs_password,
+                         token=self.pacs_token, read_timeout_s=self.pacs_timeout_s)
+        cfg.validate()
+        return cfg
 
     def limits(self) -> dict:
         """The request limits as the API reports them."""
@@ -154,6 +200,8 @@ class ServeSettings:
         """Settings without the token (safe to log or show)."""
         d = asdict(self)
         d["token"] = "(set)" if self.token else None
+        for secret in ("pacs_password", "pacs_token"):
+            d[secret] = "(set)" if d.get(secret) else None
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
