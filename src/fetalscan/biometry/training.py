@@ -293,6 +293,35 @@ def _val_hc_error_mm(ellipses: Sequence, data: PreparedSet, offset: float) -> fl
     return float(np.mean(errs)) if errs else math.nan
 
 
+def effective_batch_size(n_train: int, batch_size: int) -> int:
+    """The mini-batch size used: ``batch_size``, lowered (with a warning) to the number of training images
+    when there are fewer; :class:`FetalscanError` when fewer than 2 images are left to train on."""
+    if n_train < 2:
+        raise FetalscanError(f"segmenter training needs at least 2 training images after the validation (and "
+                             f"hold-out) split, got {n_train}; give more images or a smaller --val-fraction")
+    if batch_size > n_train:
+        log.warning("--batch-size %d is larger than the %d training images: using batches of %d", batch_size,
+                    n_train, n_train)
+        return n_train
+    return batch_size
+
+
+def _steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch (:func:`train_one_epoch` skips a last batch of one image)."""
+    return n_train // batch_size + (1 if n_train % batch_size >= 2 else 0)
+
+
+def one_cycle(optimizer, lr: float, total_steps: int, warm_up: float = 0.1):
+    """The one-cycle LR schedule (warm-up ``warm_up`` of the steps, then cosine decay) for any number of
+    steps: torch's ``OneCycleLR`` divides by zero when ``warm_up * total_steps`` is exactly 1 (e.g. 10 steps)."""
+    import torch
+
+    total_steps = max(1, int(total_steps))
+    if abs(warm_up * total_steps - 1.0) < 1e-9:
+        warm_up += 0.5 / total_steps  # the warm-up ends half a step later: same shape, no empty phase
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warm_up)
+
+
 def fit_segmenter(model, train: PreparedSet, val: PreparedSet, cfg: BiometryTrainConfig, device,
                   seed: int, description: str = "training segmenter") -> SegFitResult:
     """Train; keep the epoch with the lowest inner-validation HC difference; calibrate the axis offset.
@@ -307,14 +336,14 @@ def fit_segmenter(model, train: PreparedSet, val: PreparedSet, cfg: BiometryTrai
     pre = cfg.segmenter().preprocessing()
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, math.ceil(len(train.items) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    batch_size = effective_batch_size(len(train.items), cfg.batch_size)
+    scheduler = one_cycle(optimizer, cfg.lr, cfg.epochs * _steps_per_epoch(len(train.items), batch_size))
     gen = torch.Generator().manual_seed(seed)
     augment = _augmenters(cfg, seed) if cfg.augment else None
     best = (math.inf, 0, copy.deepcopy(model.state_dict()), {"axis_offset_px": 0.0, "n": 0, "iqr_px": None})
     history = []
     for epoch in track(range(1, cfg.epochs + 1), description, total=cfg.epochs, lines=False):
-        loss = train_one_epoch(model, train, pre, optimizer, scheduler, device, cfg.batch_size, gen, augment)
+        loss = train_one_epoch(model, train, pre, optimizer, scheduler, device, batch_size, gen, augment)
         row = {"epoch": epoch, "train_loss": loss, "val_loss": math.nan, "val_hc_abs_diff_mm": math.nan}
         if len(val.items):
             logits = predict_low_res(model, val.images, pre, device)

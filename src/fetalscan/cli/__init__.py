@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fetalscan`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a command may re-run itself (torchrun, DDP)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

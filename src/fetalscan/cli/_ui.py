@@ -243,7 +243,11 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls, help: Mapping[str, st
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
-    """Build a config dataclass from the parsed flags that exist for its fields."""
+    """Build a config dataclass from the parsed flags that exist for its fields, and validate it
+    (its ``validate()``, when it has one), so every option is checked before any work starts."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
-    return cls(**values)
+    config = cls(**values)
+    if callable(getattr(config, "validate", None)):
+        config.validate()
+    return config

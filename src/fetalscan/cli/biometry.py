@@ -43,6 +43,8 @@ _HELP = {
     "every_nth": "keep every N-th frame of cine DICOM / video",
     "plane_check": "also name the standard plane (SonoNet-16) and flag images that are not a brain plane "
                    "(the measurement is still made and reported)",
+    "quality_check": "also score image quality (0-1) and say 're-acquire' below the documented threshold "
+                     "(docs/quality.md; test-time augmentation + plane gate, slower)",
 }
 _SKIP = {"seed", "device"}
 

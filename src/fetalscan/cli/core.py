@@ -88,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_options(p)
     add_dataclass_options(p, TrainConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_dataclass_options(p, CVConfig, _HELP, skip=_SKIP, rename=_RENAME)
+    _add_distributed_options(p)
     add_evaluation_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_cv)
@@ -98,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_options(p)
     add_dataclass_options(p, TrainConfig, _HELP, skip=_SKIP, rename=_RENAME)
     add_dataclass_options(p, CVConfig, _HELP, skip=_SKIP, rename=_RENAME)
+    _add_distributed_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -107,8 +109,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="checkpoint written by `fetalscan train`")
     add_data_options(p)
     add_predict_options(p)
+    _add_batch_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("predict-merge", help="merge the shard folders of `predict --shard i/n` into one run",
+                       description="Check that every shard of a sharded `fetalscan predict` is there and finished, "
+                       "and write the whole predictions.csv (each image once, in path order) and patients.csv.")
+    p.add_argument("shards", type=Path, nargs="+", help="the --out folders of the shards (all n of them)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out; its files are replaced")
+    p.set_defaults(func=cmd_predict_merge)
 
     p = sub.add_parser("demo", help="run cv + final model on the embedded real sample -> runs/demo",
                        description="Grouped 5-fold CV and a final model with SonoNet-16 features on the "
@@ -126,6 +137,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 
+_DIST_HELP = {
+    "strategy": "none = one process; ddp = PyTorch DistributedDataParallel through torchrun (--mode finetune "
+                "only; NCCL on GPUs, gloo on CPU; docs/scale.md)",
+    "devices": "processes per machine with --strategy ddp (one per GPU, or CPU processes)",
+    "num_nodes": "machines with --strategy ddp (each started by its own torchrun, e.g. under Slurm; docs/scale.md)",
+}
+
+
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    from fetalscan.training.distributed import DistributedConfig
+
+    add_dataclass_options(p, DistributedConfig, _DIST_HELP, title="distributed training")
+
+
+def _distributed_config(args: argparse.Namespace, cfg):
+    from fetalscan.training.distributed import DistributedConfig
+
+    dist = dataclass_from_args(DistributedConfig, args)
+    dist.validate(cfg.mode)
+    return dist
+
+
 def _configs(args: argparse.Namespace):
     from fetalscan.training.loop import TrainConfig
     from fetalscan.training.study import CVConfig
@@ -137,9 +170,18 @@ def _configs(args: argparse.Namespace):
 def cmd_cv(args: argparse.Namespace) -> int:
     from fetalscan.api import run_study
 
+    from fetalscan.training.distributed import launch_local, launched, process_group
+
     setup_progress(args)
     cfg, cv = _configs(args)
-    metrics = run_study(load_data(args), cfg, cv, evaluation_config(args), args.out, overwrite=args.overwrite)
+    evaluation = evaluation_config(args)  # every option checked (validated) before the data are read
+    dist = _distributed_config(args, cfg)
+    if dist.strategy == "ddp" and not launched():
+        return launch_local(args.argv, dist)  # torchrun runs this command in --devices processes
+    with process_group(dist, cfg.device) as ctx:
+        metrics = run_study(load_data(args), cfg, cv, evaluation, args.out, overwrite=args.overwrite)
+    if ctx is not None and not ctx.is_main:
+        return 0
     _print_summary(metrics)
     info_line(f"wrote {args.out}/ (report.html, metrics.json, predictions.csv, patients.csv, audit.json)")
     return 0
@@ -148,9 +190,17 @@ def cmd_cv(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from fetalscan.training.study import run_train
 
+    from fetalscan.training.distributed import launch_local, launched, process_group
+
     setup_progress(args)
     cfg, cv = _configs(args)
-    summary = run_train(load_data(args), cfg, cv, args.out, overwrite=args.overwrite)
+    dist = _distributed_config(args, cfg)
+    if dist.strategy == "ddp" and not launched():
+        return launch_local(args.argv, dist)  # torchrun runs this command in --devices processes
+    with process_group(dist, cfg.device) as ctx:
+        summary = run_train(load_data(args), cfg, cv, args.out, overwrite=args.overwrite)
+    if ctx is not None and not ctx.is_main:
+        return 0
     for note in summary["notes"]:
         warn_line(note)
     sel = summary.get("selection") or {}
@@ -162,12 +212,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_BATCH_HELP = {
+    "engine": "local (this process) or ray (a pool of Ray actors each holding the model; docs/scale.md)",
+    "shard": "i/n: predict only the files whose relative path hashes to shard i of n (a Slurm array; merge the "
+             "shard folders with `fetalscan predict-merge`)",
+    "resume": "continue an interrupted run in --out: images already in its predictions.csv are skipped",
+    "chunk": "images per chunk appended (and fsynced) to predictions.csv, and per Ray batch",
+    "ray_address": "with --engine ray: empty = a Ray instance on this machine, auto = the running cluster",
+    "ray_actors": "with --engine ray: actors holding the model (0 = one per CPU, at most 8)",
+}
+
+
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    from fetalscan.inference.batch import BatchConfig
+
+    add_dataclass_options(p, BatchConfig, _BATCH_HELP, title="archive-scale prediction (folders stream)")
+
+
+def cmd_predict_merge(args: argparse.Namespace) -> int:
+    from fetalscan.inference.batch import merge_shards
+
+    res = merge_shards(args.shards, args.out, overwrite=args.overwrite)
+    info_line(f"{res.n_images} images, {res.n_groups} groups -> {args.out}/predictions.csv, {args.out}/patients.csv")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from fetalscan.inference.batch import BatchConfig, RecordSource, predict_archive
     from fetalscan.inference.predict import predict_to_folder
     from fetalscan.runtime import resolve_device
 
     setup_progress(args)
-    pred = predict_to_folder(args.model, load_data(args, require_labels=False), args.out, predict_config(args),
+    config = predict_config(args)  # every option checked (validated) before the data are read
+    batch = dataclass_from_args(BatchConfig, args)
+    if args.data.is_dir() or batch.resume or batch.shard or batch.engine != "local":  # streamed, appended
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        source = RecordSource(args.data, args.group_regex, classes, args.every_nth, args.sector_mask)
+        res = predict_archive(args.model, source, args.out, config, batch, device=resolve_device(args.device),
+                              overwrite=args.overwrite)
+        for note in res.notes:
+            warn_line(note)
+        resumed = f" ({res.n_skipped} already done, {res.n_new} new)" if batch.resume else ""
+        groups = f", {res.n_groups} groups" if res.n_groups is not None else ""
+        info_line(f"{res.n_images} images{resumed}{groups} -> {args.out}/predictions.csv"
+                  + (f", {args.out}/patients.csv" if res.n_groups is not None else ""))
+        return 0
+    pred = predict_to_folder(args.model, load_data(args, require_labels=False), args.out, config,
                              device=resolve_device(args.device), overwrite=args.overwrite)
     for note in pred.notes:
         warn_line(note)

@@ -84,10 +84,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = evaluation_config(args)
     cfg.seed = args.seed
     cfg.validate()
+    pcfg = predict_config(args)  # every option checked (validated) before the data are read
     device = resolve_device(args.device)
     dataset = load_data(args, require_labels=False)
-    metrics = evaluate_external(args.model, dataset, args.out, cfg, predict_config=predict_config(args),
+    metrics = evaluate_external(args.model, dataset, args.out, cfg, predict_config=pcfg,
                                 device=device, overwrite=args.overwrite, description=args.description)
+    for note in metrics["task"]["notes"]:  # e.g. labels the model does not know, left unscored
+        warn_line(note)
     print_summary(metrics)
     info_line(f"wrote {args.out}/ (predictions.csv, patients.csv, metrics.json, report.html)")
     return 0

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from fetalscan.biometry.scoring import BiometryScores
+from fetalscan.errors import FetalscanError
 
 
 def bland_altman_figure(df: pd.DataFrame, title: str):
@@ -109,11 +110,20 @@ def evaluate_checkpoint_to_folder(model_path: str | Path, items: Sequence, out: 
     from fetalscan.biometry.scoring import evaluate_checkpoint
     from fetalscan.fileio import check_out_dir, prepare_out_dir
 
+    _check_options(n_boot)
     out = check_out_dir(out, overwrite)
     scores = evaluate_checkpoint(model_path, items, split=split, device=device, backend=backend, n_boot=n_boot,
                                  seed=seed, manifest=manifest)
     write_biometry_report(prepare_out_dir(out, overwrite), scores)
     return scores.metrics
+
+
+def _check_options(n_boot: int, folds: int | None = None) -> None:
+    """Refuse unusable evaluation options before any work (not after the training)."""
+    if n_boot < 1:
+        raise FetalscanError(f"--n-boot must be at least 1, got {n_boot}")
+    if folds is not None and folds < 2:
+        raise FetalscanError(f"--folds must be at least 2, got {folds}")
 
 
 def cross_validate_to_folder(items: Sequence, cfg, out: str | Path, *, folds: int = 5, overwrite: bool = False,
@@ -124,6 +134,7 @@ def cross_validate_to_folder(items: Sequence, cfg, out: str | Path, *, folds: in
     from fetalscan.fileio import check_out_dir, prepare_out_dir
 
     cfg.validate()
+    _check_options(n_boot, folds)
     # fold models are written as soon as each is trained: the folder is prepared (and, under the CLI,
     # marked unfinished) first, so an interrupted run is recognised on the next one
     out = prepare_out_dir(out, overwrite) if save_models else check_out_dir(out, overwrite)
