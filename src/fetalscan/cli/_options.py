@@ -18,6 +18,10 @@ def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--classes", default=None,
                    help="explicit comma-separated class order (default: sorted label names)")
     p.add_argument("--every-nth", type=int, default=1, help="keep every N-th frame of cine DICOM / video")
+    p.add_argument("--sector-mask", action="store_true",
+                   help="blank every pixel outside the scan sector (DICOM Ultrasound Region Sequence, else found in "
+                        "the pixels; one mask per file) before the model sees the image: no burned-in text, scale "
+                        "bars or borders; use the same setting for train, predict and evaluate (docs/privacy.md)")
 
 
 def load_data(args: argparse.Namespace, require_labels: bool = True):
@@ -25,7 +29,8 @@ def load_data(args: argparse.Namespace, require_labels: bool = True):
 
     classes = [c.strip() for c in args.classes.split(",")] if getattr(args, "classes", None) else None
     return load_dataset(args.data, require_labels=require_labels, group_regex=args.group_regex,
-                        classes=classes, every_nth=args.every_nth)
+                        classes=classes, every_nth=args.every_nth,
+                        sector_mask=getattr(args, "sector_mask", False))
 
 
 _EVAL_HELP = {
@@ -65,6 +70,9 @@ _PREDICT_HELP = {
     "plane_check": "name each image's standard plane with SonoNet-16 and flag images that are not a "
                    "brain plane (transventricular / transcerebellar); flagged rows are kept",
     "crop": "scanner-frame crop for --plane-check: auto, none or x0,y0,x1,y1 (docs/biometry.md)",
+    "backend": "inference engine: torch (default: PyTorch, the numbers of `cv`), onnx (ONNX Runtime on the CPU; "
+               "the graph is exported once and cached beside the model file) or auto (onnx on CPU, torch on CUDA); "
+               "docs/inference.md",
 }
 
 

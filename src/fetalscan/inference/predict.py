@@ -7,11 +7,20 @@ the classifier and, when asked, to the SonoNet-16 standard-plane gate, applies t
 model's temperature, and returns a :class:`Prediction` whose :meth:`Prediction.write`
 is the single writer of ``predictions.csv`` / ``patients.csv`` (their columns are
 documented in :mod:`fetalscan.inference.tables`).
+
+The classifier runs on one of two backends (``PredictConfig.backend``): ``torch``
+(PyTorch, the model as trained) or ``onnx`` (ONNX Runtime on the CPU, the graph exported
+on first use and cached beside the checkpoint, :mod:`fetalscan.inference.onnx`); ``auto``
+is ``onnx`` on a CPU device and ``torch`` on CUDA. Left unset, a model runs on the backend
+:func:`use_backend` bound it to (the service does that once), else on ``torch`` -- so the
+callers of one model share one backend and agree exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +48,9 @@ log = logging.getLogger(__name__)
 #: Images decoded and held at once per chunk, as a multiple of the batch size.
 CHUNK_BATCHES = 4
 
+#: Inference engines of the classifier (``auto``: ``onnx`` on a CPU device, ``torch`` on CUDA).
+BACKENDS = ("auto", "torch", "onnx")
+
 
 @dataclass
 class PredictConfig:
@@ -47,7 +59,11 @@ class PredictConfig:
     ``aggregate`` is the patient-level rule (:mod:`fetalscan.inference.tables`),
     ``plane_check`` runs the SonoNet-16 plane gate on the same decoded images and flags
     (never drops) images that are not a brain plane; ``crop`` is the gate's
-    scanner-frame crop (``auto``, ``none`` or ``x0,y0,x1,y1``).
+    scanner-frame crop (``auto``, ``none`` or ``x0,y0,x1,y1``). ``backend`` is the
+    classifier's engine, ``torch``, ``onnx`` or ``auto`` (see the module docstring); ``None``
+    (the default) = the backend the model was bound to with :func:`use_backend`, else ``torch``.
+    ONNX Runtime agrees with PyTorch within 1e-4 in probability (checked at export), not bit
+    for bit, so the default keeps PyTorch, whose numbers are those of ``fetalscan cv``.
     """
 
     aggregate: str = "mean"
@@ -55,8 +71,11 @@ class PredictConfig:
     batch_size: int = 32
     plane_check: bool = False
     crop: str = "auto"
+    backend: str | None = None
 
     def validate(self) -> None:
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise FetalscanError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.aggregate not in AGGREGATIONS:
             raise FetalscanError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, got {self.aggregate!r}")
         if self.batch_size < 1:
@@ -91,7 +110,7 @@ class Prediction:
 
 
 def predict(loaded, dataset: Dataset, config: PredictConfig | None = None,
-            device: torch.device | str = "cpu") -> Prediction:
+            device: torch.device | str = "cpu", *, aggregate_patients: bool = True) -> Prediction:
     """Apply a loaded checkpoint to every record of ``dataset``.
 
     Parameters
@@ -103,6 +122,9 @@ def predict(loaded, dataset: Dataset, config: PredictConfig | None = None,
         are kept only in ``label_original`` and reported in ``unknown_labels``.
     config : PredictConfig, optional
     device : torch.device or str
+    aggregate_patients : bool
+        ``False``: leave ``patients`` empty (:mod:`fetalscan.inference.batch` calls this
+        function on chunks of an archive and aggregates the groups once, at the end).
 
     Returns
     -------
@@ -117,7 +139,7 @@ def predict(loaded, dataset: Dataset, config: PredictConfig | None = None,
     device = torch.device(device)
     data, unknown = labels_for_model(dataset, loaded.classes, loaded.class_map)
     probs, planes = predict_probabilities(loaded, data.records, device, cfg.batch_size,
-                                          plane_crop=cfg.crop if cfg.plane_check else None)
+                                          plane_crop=cfg.crop if cfg.plane_check else None, backend=cfg.backend)
     images = predictions_frame(data.records, probs, loaded.classes)
     notes = []
     if unknown:
@@ -126,7 +148,8 @@ def predict(loaded, dataset: Dataset, config: PredictConfig | None = None,
     if planes is not None:
         images = add_plane_columns(images, planes)
         notes.extend(_plane_notes(images))
-    patients = aggregate_groups(images, loaded.classes, cfg.aggregate, cfg.normal_class)
+    patients = (aggregate_groups(images, loaded.classes, cfg.aggregate, cfg.normal_class) if aggregate_patients
+                else pd.DataFrame())
     return Prediction(images, patients, list(loaded.classes), unknown, notes, cfg)
 
 
@@ -151,8 +174,9 @@ def _plane_notes(images: pd.DataFrame) -> list[str]:
 
 
 def probabilities_of_arrays(loaded, images: Sequence[np.ndarray], device: torch.device | str = "cpu",
-                            batch_size: int = 32) -> np.ndarray:
-    """Class probabilities (temperature applied) of decoded RGB ``uint8`` images ``(H, W, 3)``."""
+                            batch_size: int = 32, backend: str | None = None) -> np.ndarray:
+    """Class probabilities (temperature applied) of decoded RGB ``uint8`` images ``(H, W, 3)``
+    (or grey ``(H, W)``), on ``backend`` (see :class:`PredictConfig`)."""
     if not len(images):
         return np.zeros((0, len(loaded.classes)))
     pre = loaded.preprocessing
@@ -161,8 +185,84 @@ def probabilities_of_arrays(loaded, images: Sequence[np.ndarray], device: torch.
             raise DataError(f"image {i}: expected a uint8 array (H, W) or (H, W, 3), got "
                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
     x = torch.stack([prepare(a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2), pre) for a in images])
-    logits = predict_logits(loaded.model, x, pre, torch.device(device), batch_size)
+    return probabilities_of_prepared(loaded, x, device, batch_size, backend)
+
+
+def probabilities_of_prepared(loaded, batch: torch.Tensor, device: torch.device | str = "cpu",
+                              batch_size: int = 32, backend: str | None = None) -> np.ndarray:
+    """Class probabilities of a prepared ``uint8`` batch ``(n, C, h, w)``
+    (:func:`~fetalscan.data.transforms.prepare`), on ``backend`` (see :class:`PredictConfig`)."""
+    device = torch.device(device)
+    engine = engine_for(loaded, backend, device)
+    if engine is not None:
+        logits = torch.from_numpy(engine.logits(batch, batch_size))
+    else:
+        logits = predict_logits(loaded.model, batch, loaded.preprocessing, device, batch_size)
     return softmax_with_temperature(logits, loaded.temperature)
+
+
+# --------------------------------------------------------------------------- backends
+#: ONNX Runtime engines per model object (``False``: the export failed, PyTorch is used).
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.RLock()
+
+
+def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> str:
+    """``torch`` or ``onnx`` for a requested backend on ``device`` (``auto``: onnx on CPU, torch on CUDA)."""
+    backend = backend or "torch"
+    if backend not in BACKENDS:
+        raise FetalscanError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "onnx" if torch.device(device).type == "cpu" else "torch"
+    return backend
+
+
+def use_backend(loaded, backend: str = "auto", device: torch.device | str = "cpu", *, export_now: bool = False):
+    """Bind ``loaded`` to ``backend``: every later prediction of it that does not name a backend
+    runs there (so all callers of one served model agree exactly); returns ``loaded``.
+    The ONNX Runtime session is made on first use, or now with ``export_now``."""
+    resolve_backend(backend, device)
+    loaded.meta["backend"] = backend
+    if export_now:
+        engine_for(loaded, None, device)
+    return loaded
+
+
+def backend_of(loaded, backend: str | None = None, device: torch.device | str = "cpu") -> str:
+    """The engine a prediction of ``loaded`` actually runs on: ``torch`` or ``onnx``."""
+    return "onnx" if engine_for(loaded, backend, device) is not None else "torch"
+
+
+def engine_for(loaded, backend: str | None, device: torch.device | str = "cpu"):
+    """The :class:`~fetalscan.inference.onnx.OnnxClassifier` a prediction uses, or ``None`` for PyTorch.
+
+    ``backend`` ``None`` = the model's bound backend (:func:`use_backend`), else ``torch``.
+    The session is made once per model object, from the cache beside the checkpoint
+    (``loaded.meta["file"]``) when the model came from a file. When the export fails,
+    ``auto`` falls back to PyTorch with a logged reason; an explicit ``onnx`` raises.
+    """
+    requested = backend or loaded.meta.get("backend") or "torch"
+    if resolve_backend(requested, device) == "torch":
+        return None
+    with _ENGINES_LOCK:  # one export per model, also when two requests arrive at once
+        engine = _ENGINES.get(loaded.model)
+        if engine is None:
+            from fetalscan.inference.onnx import cached_onnx
+
+            try:
+                engine = cached_onnx(loaded, loaded.meta.get("file"))
+            except (FetalscanError, ImportError, OSError, RuntimeError) as exc:
+                if requested == "onnx":
+                    raise FetalscanError(f"backend onnx: {exc}") from exc
+                log.warning("ONNX Runtime is not used for this model (%s); running it in PyTorch", exc)
+                engine = False
+            _ENGINES[loaded.model] = engine
+    if engine is False:
+        if requested == "onnx":
+            raise FetalscanError("backend onnx: the ONNX export of this model failed earlier (see the log); "
+                                 "use backend torch")
+        return None
+    return engine
 
 
 def predict_to_folder(model: str | Path, dataset: Dataset, out: str | Path, config: PredictConfig | None = None, *,
@@ -171,6 +271,9 @@ def predict_to_folder(model: str | Path, dataset: Dataset, out: str | Path, conf
 
     ``out`` is checked before any work (refused when not empty unless ``overwrite``)
     and created only when the predictions exist, so a failed run writes nothing.
+    This holds every row in memory until the end; ``fetalscan predict`` on a folder (or with
+    ``--resume`` / ``--shard`` / ``--engine ray``) streams instead, through
+    :func:`fetalscan.inference.batch.predict_archive`, which calls :func:`predict` on chunks.
     """
     from fetalscan.fileio import check_out_dir, prepare_out_dir
     from fetalscan.models.checkpoint import load_checkpoint
@@ -186,7 +289,8 @@ def predict_to_folder(model: str | Path, dataset: Dataset, out: str | Path, conf
 
 def predict_probabilities(loaded, records: Sequence[Record], device: torch.device | str = "cpu",
                           batch_size: int = 32, *, plane_crop: str | None = None,
-                          description: str = "predicting") -> tuple[np.ndarray, list | None]:
+                          description: str = "predicting", backend: str | None = None
+                          ) -> tuple[np.ndarray, list | None]:
     """Class probabilities (temperature applied) of every record; each image decoded once.
 
     With ``plane_crop`` (``auto``, ``none`` or ``x0,y0,x1,y1``) the SonoNet-16 plane
@@ -206,7 +310,7 @@ def predict_probabilities(loaded, records: Sequence[Record], device: torch.devic
     arrays: list[np.ndarray] = []
 
     def flush() -> None:
-        probs[index] = probabilities_of_arrays(loaded, arrays, device, batch_size)
+        probs[index] = probabilities_of_arrays(loaded, arrays, device, batch_size, backend)
         if planes is not None:
             for i, res in zip(index, classify_planes(arrays, device, crop=crop)):
                 planes[i] = res

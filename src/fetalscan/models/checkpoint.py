@@ -190,6 +190,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         ) from exc
     model.eval().to(device)
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    meta["file"] = str(Path(path))  # where it came from (the ONNX cache of fetalscan.inference lives beside it)
     return LoadedModel(model, classes, Preprocessing.from_dict(blob["preprocessing"]), dict(arch), meta)
 
 
