@@ -50,6 +50,7 @@ from fetalscan.serve.analysis import (
     UploadRejected,
     quiet_dicom_logs,
 )
+from fetalscan.serve.audit import AuditLog
 from fetalscan.serve.context import API, ServiceContext
 from fetalscan.serve.settings import ServeSettings, token_matches
 from fetalscan.serve.store import ReviewStore, StudyCache
@@ -60,17 +61,19 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 
 #: Modules under ``fetalscan.serve`` whose ``add_routes(app, ctx)`` adds a group of routes.
-ROUTE_MODULES: tuple[str, ...] = ()
+ROUTE_MODULES: tuple[str, ...] = ("reports", "pacs_routes", "stream", "card", "reading")
 
 #: Paths anyone may read: the page, its files, health and the API description.
-PUBLIC = re.compile(r"^(/|/static/.*|/api/v1/health|/docs|/docs/oauth2-redirect|/openapi\.json|/favicon\.ico)$")
+#: ``/api/v1/reading/...`` (the reading app) checks the reader's own session token instead (serve/reading.py).
+PUBLIC = re.compile(r"^(/|/static/.*|/api/v1/health|/docs|/docs/oauth2-redirect|/openapi\.json|/favicon\.ico"
+                    r"|/api/v1/reading/.*)$")
 
 #: Colour map of the heatmaps (as :class:`fetalscan.explain.cams.ExplainConfig`'s default).
 HEATMAP_COLORMAP = "jet"
 
 #: Content-Security-Policy of the page: nothing but this origin (images also as blob: URLs).
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+            "connect-src 'self'; media-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
 #: The bearer scheme (module level: annotations are resolved from the module's globals).
@@ -110,6 +113,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     analyzer = Analyzer(settings)
     store = ReviewStore(settings.db)
     cache = StudyCache(settings.max_studies)
+    audit = AuditLog(settings.audit_log_path)
 
     app = FastAPI(
         title="fetalscan",
@@ -123,13 +127,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.analyzer = analyzer
     app.state.store = store
     app.state.cache = cache
+    app.state.audit = audit
 
     def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         if settings.auth_enabled and not (creds and token_matches(creds.credentials, settings.token or "")):
             raise HTTPException(401, "missing or wrong access token", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_token)]
-    ctx = ServiceContext(settings=settings, analyzer=analyzer, store=store, cache=cache, auth=auth)
+    ctx = ServiceContext(settings=settings, analyzer=analyzer, store=store, cache=cache, auth=auth, audit=audit)
     app.state.ctx = ctx
 
     # ------------------------------------------------------------------ errors as JSON
@@ -189,16 +194,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                                              "calibration (biometry in mm and GA need it)")] = None,
                 ) -> dict:
         uploads = [UploadedFile(f.filename or "", f.file) for f in files]
-        result, cached = analyzer.analyze(uploads, pixel_size_mm=pixel_size_mm)
-        study = result["study"]
-        store.add_study({"id": study["id"], "created_utc": study["created_utc"], "n_images": study["n_images"],
-                         "prediction": study["prediction"], "probabilities": study["probabilities"],
-                         "classes": analyzer.classes,
-                         "images": [im["name"] + ("" if im["frame"] is None else f"#{im['frame']}")
-                                    for im in result["images"]],
-                         "model_name": result["model"]["name"], "model_sha256": result["model"]["sha256"]})
-        cache.put(study["id"], cached)
-        return result
+        return ctx.analyze(uploads, pixel_size_mm=pixel_size_mm)
 
     _study_id = ctx.study_id
 
@@ -272,8 +268,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 raise HTTPException(422, f"final_class {body.final_class!r} is not a class of the model; "
                                          f"choose one of: {', '.join(classes)}")
             final = body.final_class
-        return store.add_review(sid, reader=reader, decision=body.decision, final_class=final,
-                                comment=body.comment.strip())
+        saved = store.add_review(sid, reader=reader, decision=body.decision, final_class=final,
+                                 comment=body.comment.strip())
+        ctx.record("review", sid, {"review_id": saved["id"], "decision": body.decision, "final_class": final,
+                                   "model_prediction": row["prediction"], "reader": reader}, actor=reader)
+        return saved
 
     @app.get(f"{API}/studies/{{study_id}}/reviews", tags=["reviews"], dependencies=auth,
              response_model=list[ReviewOut], summary="A study's reviews, oldest first (the last is in force)")

@@ -85,8 +85,19 @@ async function checkToken() {
     $("upload").hidden = false;
     $("logout").hidden = !state.auth;
     fillClasses();
+    loadModelCard();
   } catch (e) {
     if (state.auth) showLogin(e.message === "not logged in" ? "The token was not accepted." : e.message);
+  }
+}
+
+async function loadModelCard() {
+  try {
+    const body = await (await api("/model/card")).json();
+    $("model-card").textContent = body.markdown;
+    $("model-card-section").hidden = false;
+  } catch (e) {
+    $("model-card-section").hidden = true;
   }
 }
 
@@ -221,6 +232,8 @@ function imageCard(im, disclaimer) {
     el("p", {}, el("strong", { text: `Image: ${im.prediction}` })),
     probBars(im.probabilities, im.prediction));
   if (im.biometry) card.append(biometryBlock(im.biometry));
+  card.append(el("p", { class: "muted" },
+    el("a", { href: "#", "data-report": `images/${im.index}/sc.dcm`, text: "DICOM SC (image with heatmap)" })));
   card.append(el("p", { class: "disclaimer", text: disclaimer }));
   return card;
 }
@@ -305,6 +318,26 @@ $("csv-link").addEventListener("click", async (ev) => {
     const blob = await (await api("/reviews.csv")).blob();
     const url = URL.createObjectURL(blob);
     const a = el("a", { href: url, download: "reviews.csv" });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  } catch (e) {
+    $("review-error").textContent = e.message;
+  }
+});
+
+// Reports of the shown study (PDF, DICOM SR, DICOM SC per image): fetched with the token, then saved.
+document.addEventListener("click", async (ev) => {
+  const link = ev.target.closest && ev.target.closest("a[data-report]");
+  if (!link || !state.study) return;
+  ev.preventDefault();
+  const path = link.getAttribute("data-report");
+  const name = `${state.study.id}_${path.replaceAll("/", "_")}`.replace("_report.pdf", ".pdf");
+  try {
+    const blob = await (await api(`/studies/${state.study.id}/${path}`)).blob();
+    const url = URL.createObjectURL(blob);
+    const a = el("a", { href: url, download: name });
     document.body.append(a);
     a.click();
     a.remove();
