@@ -198,6 +198,8 @@ def run_study(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, evaluation: Eval
     for config in (cfg, cv, evaluation):
         config.validate()
     result = run_cv(dataset, cfg, cv, out, overwrite)
+    if result.out is None:  # a DDP rank other than 0: it trained, rank 0 writes and evaluates
+        return result.metrics
     return evaluate_run(result.out, evaluation)
 
 

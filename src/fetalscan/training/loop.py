@@ -17,6 +17,10 @@ learning-rate schedule, and stop early on the *inner validation* split only
 
 Images arrive already prepared (``uint8 (N, C, h, w)``, see
 :mod:`fetalscan.transforms`), so decoding and resizing happen once per run.
+
+Called inside a DDP process group (``--strategy ddp``, :mod:`fetalscan.training.distributed`),
+:func:`fit_finetune` trains data-parallel with the same global batches, loss and stopping
+decisions as one process; outside one it runs the single-process code, unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from fetalscan.models.registry import (
 )
 from fetalscan.progress import track
 from fetalscan.runtime import single_thread
+from fetalscan.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +165,57 @@ def train_one_epoch(
     return total / max(seen, 1)
 
 
+def _train_one_epoch_ddp(
+    model: nn.Module, images: torch.Tensor, y: torch.Tensor, pre: Preprocessing,
+    optimizer: torch.optim.Optimizer, scheduler, weights: torch.Tensor, device: torch.device,
+    batch_size: int, gen: torch.Generator, augment: Augment | None, amp: bool, ctx,
+) -> float:
+    """:func:`train_one_epoch` as one rank of a DDP group (``model`` wrapped in DistributedDataParallel).
+
+    The same seeded permutation and global batches as one process; this rank trains on
+    ``batch[rank::world]`` with its share of the global batch's class-weighted mean loss
+    (times the world size, since DDP averages gradients), so the averaged gradient is the
+    single-process one. A batch that would leave a rank without an image is skipped on all.
+    """
+    model.train()
+    order = torch.randperm(len(images), generator=gen)
+    ce = nn.CrossEntropyLoss(weight=weights.to(device), reduction="sum")
+    total, seen = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        if (len(batch) < 2 and len(order) > 1) or len(batch) < ctx.world_size:
+            continue
+        idx = distributed.rank_share(batch, ctx)
+        denominator = float(weights[y[batch]].sum())  # every rank knows the whole global batch
+        xb = images[idx].float()
+        if augment is not None:
+            xb = augment(xb)
+        xb = normalize(xb.to(device), pre)
+        yb = y[idx].to(device)
+        with _autocast(device, amp):
+            part = ce(model(xb).float(), yb) / denominator
+        optimizer.zero_grad(set_to_none=True)
+        (part * ctx.world_size).backward()
+        optimizer.step()
+        scheduler.step()
+        total += part.item() * len(batch)  # summed over ranks: the global batch's mean loss x its size
+        seen += len(batch)
+    return distributed.all_reduce_sum([total], device)[0] / max(seen, 1)
+
+
+def _val_loss_ddp(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, pre: Preprocessing,
+                  weights: torch.Tensor, device: torch.device, batch_size: int, amp: bool, ctx) -> float:
+    """Class-weighted mean validation loss, each rank scoring ``x_val[rank::world]``; rank 0's value on all."""
+    idx = torch.arange(len(x_val))[ctx.rank::ctx.world_size]
+    num = 0.0
+    if len(idx):
+        logits = predict_logits(model, x_val[idx], pre, device, batch_size, amp)
+        num = float(nn.CrossEntropyLoss(weight=weights, reduction="sum")(logits, y_val[idx]))
+    den = float(weights[y_val[idx]].sum())
+    num, den = distributed.all_reduce_sum([num, den], device)
+    return distributed.broadcast_float(num / den, device)
+
+
 def fit_finetune(
     model: nn.Module, pre: Preprocessing, x_tr: torch.Tensor, y_tr: np.ndarray,
     x_val: torch.Tensor, y_val: np.ndarray, n_classes: int, cfg: TrainConfig,
@@ -181,16 +237,29 @@ def fit_finetune(
     steps = cfg.epochs * max(1, math.ceil(len(x_tr) / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     gen = torch.Generator().manual_seed(seed)
-    augment = Augment(seed=seed) if cfg.augment else None
+    ddp = distributed.active()  # None in one process: the code below is the single-process path unchanged
+    aug_seed = seed if ddp is None else seed + distributed.RANK_SEED_STRIDE * ddp.rank
+    augment = Augment(seed=aug_seed) if cfg.augment else None
+    if ddp is not None:
+        net = distributed.wrap(model, device, ddp)
+        if ddp.rank:
+            torch.manual_seed(aug_seed)  # dropout masks differ between ranks; rank 0 keeps the caller's stream
     yt, yv = torch.as_tensor(y_tr), torch.as_tensor(y_val)
     best = (math.inf, 0, copy.deepcopy(model.state_dict()))
     history = []
     n_epochs = cfg.epochs if stop_at is None else max(1, min(int(stop_at), cfg.epochs))
     for epoch in track(range(1, n_epochs + 1), "fine-tuning", total=n_epochs):
-        train_loss = train_one_epoch(model, x_tr, yt, pre, optimizer, scheduler, loss_fn, device,
-                                     cfg.batch_size, gen, augment, cfg.amp)
+        if ddp is not None:
+            train_loss = _train_one_epoch_ddp(net, x_tr, yt, pre, optimizer, scheduler, weights, device,
+                                              cfg.batch_size, gen, augment, cfg.amp, ddp)
+        else:
+            train_loss = train_one_epoch(model, x_tr, yt, pre, optimizer, scheduler, loss_fn, device,
+                                         cfg.batch_size, gen, augment, cfg.amp)
         val_loss = math.nan
-        if len(x_val) and not fixed_epochs:
+        if len(x_val) and not fixed_epochs and ddp is not None:
+            val_loss = _val_loss_ddp(model, x_val, yv, pre, weights, device, cfg.batch_size * 2,
+                                     cfg.amp, ddp)
+        elif len(x_val) and not fixed_epochs:
             logits = predict_logits(model, x_val, pre, device, cfg.batch_size * 2, cfg.amp)
             val_loss = float(loss_fn(logits.to(device), yv.to(device)))
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})

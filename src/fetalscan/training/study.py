@@ -78,6 +78,7 @@ from fetalscan.splits import (
     raise_if_failed,
 )
 from fetalscan.texts import DISCLAIMER
+from fetalscan.training import distributed
 from fetalscan.training.loop import (
     FitResult,
     TrainConfig,
@@ -342,7 +343,8 @@ def run_cv(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path | N
     """
     cfg.validate()
     cv.validate()
-    out = check_out_dir(out, overwrite) if out is not None else None
+    # in a DDP process group (fetalscan.training.distributed) every rank trains, rank 0 alone writes
+    out = check_out_dir(out, overwrite) if out is not None and distributed.is_main() else None
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -605,7 +607,10 @@ def fit_final(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: Path | None
 
 def run_train(dataset: Dataset, cfg: TrainConfig, cv: CVConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Train the final model on all data (:func:`fit_final`) and write ``out/model.pt``,
-    ``inner_val_predictions.csv``, ``audit.json`` and ``train.json``; returns the summary."""
+    ``inner_val_predictions.csv``, ``audit.json`` and ``train.json``; returns the summary.
+    In a DDP process group every rank trains and rank 0 alone writes."""
+    if not distributed.is_main():
+        return {"model": None, **fit_final(dataset, cfg, cv, None).summary}
     out = check_out_dir(out, overwrite)
     final = fit_final(dataset, cfg, cv, out)
     write_csv(out / "inner_val_predictions.csv", final.inner_val)
