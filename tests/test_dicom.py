@@ -443,3 +443,17 @@ def test_undecodable_transfer_syntax_says_what_to_install(tmp_path):
         else "jls.dcm.*JPEG-LS.*pylibjpeg.*gdcm"
     with pytest.raises(ImageReadError, match=pattern):
         read_dicom_frames(path)
+
+
+def test_a_dicom_frame_above_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A header claiming more pixels than the limit is refused naming the file (a decompression bomb)."""
+    from fetalscan.data.dicom import read_dicom_frames
+    from fetalscan.errors import ImageReadError
+
+    path = tmp_path / "big.dcm"
+    write_dicom(path, np.zeros((64, 80), dtype=np.uint8))
+    monkeypatch.setenv("FETALSCAN_MAX_IMAGE_PIXELS", str(64 * 80 - 1))
+    with pytest.raises(ImageReadError, match=r"big\.dcm: refused, each frame of 80 x 64 = 5,120 pixels"):
+        read_dicom_frames(path)
+    monkeypatch.setenv("FETALSCAN_MAX_IMAGE_PIXELS", str(64 * 80))
+    assert read_dicom_frames(path)[0].shape == (64, 80, 3)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fetalscan.data.limits import check_size
 from fetalscan.errors import FetalscanError, ImageReadError
 
 if TYPE_CHECKING:
@@ -252,7 +253,8 @@ def _corrupt_input_named(path: Path) -> Iterator[None]:
 
 def _dicom_frames(path: Path, indices: Sequence[int] | None) -> list[np.ndarray]:
     ds = _read_dataset(path, stop_before_pixels=False)
-    _image_geometry(path, ds)
+    rows, cols, _ = _image_geometry(path, ds)
+    check_size(path, cols, rows, what="each frame")  # before any pixel is decoded
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data (7FE0,0010)")
     n_frames = _n_frames(path, ds)

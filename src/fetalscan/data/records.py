@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fetalscan.data.limits import MAX_IMAGE_PIXELS, max_image_pixels  # noqa: F401 - the limit of read_image
 from fetalscan.errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -179,28 +180,6 @@ def media_kind(path: Path) -> str:
     return "unknown"
 
 
-#: Largest still image (width x height) :func:`read_image` decodes; larger ones are refused before their
-#: pixels are decoded (decompression bombs: a 30000 x 30000 PNG of a few kB would need 2.7 GB). Ultrasound
-#: frames are below 2 million pixels. Override with ``FETALSCAN_MAX_IMAGE_PIXELS`` or ``read_image(max_pixels=)``.
-MAX_IMAGE_PIXELS = 50_000_000
-
-
-def max_image_pixels() -> int:
-    """The pixel limit of :func:`read_image`: ``$FETALSCAN_MAX_IMAGE_PIXELS``, else :data:`MAX_IMAGE_PIXELS`."""
-    import os
-
-    raw = os.environ.get("FETALSCAN_MAX_IMAGE_PIXELS", "").strip()
-    if not raw:
-        return MAX_IMAGE_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise DataError(f"FETALSCAN_MAX_IMAGE_PIXELS must be a positive whole number of pixels, got {raw!r}")
-    return value
-
-
 def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """Read a still image file as RGB uint8 ``(H, W, 3)``; fully decoded or an error.
 
@@ -232,13 +211,9 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
 
 
 def _check_size(path: Path, size: tuple[int, int], limit: int) -> None:
-    w, h = size
-    if w < 1 or h < 1:
-        raise ImageReadError(f"{path}: the image has no pixels ({w} x {h})")
-    if w * h > limit:
-        raise ImageReadError(
-            f"{path}: refused, {w} x {h} = {w * h:,} pixels is above the limit of {limit:,} (a decompression "
-            "bomb, or not an ultrasound frame); if the image is genuine, raise FETALSCAN_MAX_IMAGE_PIXELS")
+    from fetalscan.data.limits import check_size
+
+    check_size(path, size[0], size[1], limit)
 
 
 def _pil_to_rgb(im) -> np.ndarray:
