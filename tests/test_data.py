@@ -294,3 +294,30 @@ def test_merge_that_still_lacks_groups_is_an_error(toy_manifest) -> None:
     m = toy_manifest(groups=2, per_group=1)
     with pytest.raises(SplitError, match="fewer groups"):
         apply_rare_class_policy(load_dataset(m), 5, "merge")
+
+
+def test_a_long_cine_is_read_with_bounded_memory(tmp_path: Path) -> None:
+    """A 600-frame cine (9.8 MB of pixels, 29 MB decoded to RGB) is read a few frames at a time:
+    the peak of Python/numpy allocations while every frame is yielded stays far below either size."""
+    import tracemalloc
+
+    from fetalscan.data.records import FRAMES_PER_READ, iter_record_images, load_dataset
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, size=(600, 128, 128), dtype=np.uint8)
+    _cine_dicom(tmp_path / "normal" / "long.dcm", frames)
+    records = load_dataset(tmp_path).records
+    assert len(records) == 600
+    frame_rgb = 128 * 128 * 3
+    tracemalloc.start()
+    try:
+        seen = 0
+        for i, image in iter_record_images(records):
+            assert image.shape == (128, 128, 3) and image[0, 0, 0] == frames[records[i].frame][0, 0]
+            seen += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == 600
+    assert FRAMES_PER_READ * frame_rgb < 2 * 2**20  # the chunk itself is small
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB while reading the cine"

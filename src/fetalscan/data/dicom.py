@@ -252,10 +252,12 @@ def _corrupt_input_named(path: Path) -> Iterator[None]:
 
 
 def _dicom_frames(path: Path, indices: Sequence[int] | None) -> list[np.ndarray]:
-    ds = _read_dataset(path, stop_before_pixels=False)
+    # the header only: pydicom reads the pixel data of just the frames asked for from the file
+    # (pydicom.pixels.iter_pixels), so a cine of thousands of frames costs the frames returned
+    ds = _read_dataset(path, stop_before_pixels=True)
     rows, cols, _ = _image_geometry(path, ds)
     check_size(path, cols, rows, what="each frame")  # before any pixel is decoded
-    if "PixelData" not in ds:
+    if not _has_pixel_data(path):
         raise ImageReadError(f"{path}: DICOM file has no pixel data (7FE0,0010)")
     n_frames = _n_frames(path, ds)
     wanted = _check_indices(path, indices, n_frames)
@@ -409,7 +411,7 @@ def _check_indices(path: Path, indices: Sequence[int] | None, n_frames: int) -> 
 
 def _decode_frames(path: Path, ds: Dataset, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index, rgb_uint8)`` for each of the sorted distinct ``indices``."""
-    from pydicom.pixels import as_pixel_options, get_decoder
+    from pydicom.pixels import get_decoder, iter_pixels
 
     tsyntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     if not tsyntax:
@@ -429,15 +431,16 @@ def _decode_frames(path: Path, ds: Dataset, indices: list[int]) -> Iterator[tupl
             f"{_INSTALL_HINT} (pydicom options: {missing})"
         )
     try:
-        frames = decoder.iter_array(
-            ds, indices=indices, validate=True, **as_pixel_options(ds, as_rgb=True)
-        )
+        frames = iter_pixels(path, indices=indices, as_rgb=True)
     except Exception as exc:
         raise ImageReadError(f"{path}: cannot decode pixel data ({name}): {exc}") from exc
+    # as_rgb=True: pydicom converts every YCbCr interpretation to RGB
+    stored = str(ds.get("PhotometricInterpretation", "")).strip()
+    photometric = "RGB" if stored.startswith("YBR") else stored
     for index in indices:
         try:
-            arr, meta = next(frames)
-            yield index, _to_rgb8(arr, str(meta.get("photometric_interpretation", "")), ds)
+            arr = next(frames)
+            yield index, _to_rgb8(arr, photometric, ds)
         except FetalscanError as exc:
             raise ImageReadError(f"{path}: frame {index}: {exc}") from exc
         except Exception as exc:
@@ -445,6 +448,14 @@ def _decode_frames(path: Path, ds: Dataset, indices: list[int]) -> Iterator[tupl
                 f"{path}: cannot decode frame {index} ({name}); the pixel data may be "
                 f"corrupt or truncated ({type(exc).__name__}: {exc})"
             ) from exc
+
+
+def _has_pixel_data(path: Path) -> bool:
+    """Whether the file holds (7FE0,0010) Pixel Data; its value is not loaded."""
+    from pydicom import dcmread
+
+    ds = dcmread(path, defer_size=1024, specific_tags=["PixelData"])
+    return "PixelData" in ds
 
 
 def _to_rgb8(arr: np.ndarray, photometric: str, ds: Dataset) -> np.ndarray:

@@ -228,6 +228,11 @@ def _pil_to_rgb(im) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+#: Frames of one multi-frame file (DICOM cine, video) decoded at a time: memory holds this many
+#: frames, never a whole cine of thousands.
+FRAMES_PER_READ = 32
+
+
 def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index, RGB image)`` for each record, decoding each multi-frame file once.
 
@@ -244,16 +249,19 @@ def iter_record_images(records: Sequence[Record]) -> Iterator[tuple[int, np.ndar
         by_file[r.path].append(i)
     for path in order:
         idx = by_file[path]
-        try:
-            images = _read_frames(path, [records[i].frame for i in idx])
-            if records[idx[0]].sector_mask:
-                images = _mask_sector(path, images)
-        except ImageReadError as exc:
-            row = records[idx[0]].source_row
-            raise ImageReadError(f"{exc} [manifest line {row}]" if row else str(exc)) from exc
-        for i, image in zip(idx, images):
-            _warn_if_tiny(records[i], image)
-            yield i, image
+        mask = None  # one sector mask per file, found on its first frames
+        for start in range(0, len(idx), FRAMES_PER_READ):  # a long cine is decoded a few frames at a time
+            part = idx[start:start + FRAMES_PER_READ]
+            try:
+                images = _read_frames(path, [records[i].frame for i in part])
+                if records[part[0]].sector_mask:
+                    images, mask = _mask_sector(path, images, mask)
+            except ImageReadError as exc:
+                row = records[part[0]].source_row
+                raise ImageReadError(f"{exc} [manifest line {row}]" if row else str(exc)) from exc
+            for i, image in zip(part, images):
+                _warn_if_tiny(records[i], image)
+                yield i, image
 
 
 def _warn_if_tiny(record: Record, image: np.ndarray) -> None:
@@ -265,17 +273,23 @@ def _warn_if_tiny(record: Record, image: np.ndarray) -> None:
                     MIN_IMAGE_SIDE)
 
 
-def _mask_sector(path: Path, images: list[np.ndarray]) -> list[np.ndarray]:
-    """The images of one file blanked outside its scan sector (one mask for all of them); unmasked, with a
-    warning, when no sector is found."""
+def _mask_sector(path: Path, images: list[np.ndarray],
+                 mask: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The images of one file blanked outside its scan sector, and the mask used.
+
+    ``mask`` is the file's mask found on its earlier frames (one mask per clip); without it
+    the sector is found now. Unmasked, with a warning, when no sector is found.
+    """
     from fetalscan.data import sector
 
-    regions = sector.ultrasound_regions(path) if media_kind(path) == "dicom" else None
-    try:
-        return sector.mask_clip(images, regions, where=str(path))
-    except DataError as exc:  # e.g. an all-dark frame: used whole, and said
-        log.warning("%s; the image is used unmasked (--sector-mask)", exc)
-        return images
+    if mask is None:
+        regions = sector.ultrasound_regions(path) if media_kind(path) == "dicom" else None
+        try:
+            mask = sector.detect_sector(images, regions, where=str(path)).mask
+        except DataError as exc:  # e.g. an all-dark frame: used whole, and said
+            log.warning("%s; the image is used unmasked (--sector-mask)", exc)
+            return images, None
+    return [sector.apply_mask(im, mask) for im in images], mask
 
 
 def _read_frames(path: Path, frames: list[int | None]) -> list[np.ndarray]:
