@@ -40,12 +40,17 @@ class BiometryPredictConfig:
     plane_check : bool
         Also name the standard plane (SonoNet-16) and warn when it is not a brain
         plane; the measurement is still made and reported.
+    quality_check : bool
+        Also score the image's quality (``fetalscan.biometry.quality``, docs/quality.md):
+        ``quality`` (0-1) and ``reacquire`` columns, and a "re-acquire" warning below the
+        shipped model's threshold. Runs test-time augmentation and the plane gate.
     """
 
     pixel_size_mm: float | None = None
     backend: str = "auto"
     every_nth: int = 1
     plane_check: bool = False
+    quality_check: bool = False
 
     def validate(self) -> None:
         if self.backend not in ("auto", "torch", "onnx"):
@@ -73,6 +78,8 @@ class MeasuredImage:
         text = self.measurement.summary()  # type: ignore[attr-defined]
         if self.plane:
             text += f" [plane: {self.plane['plane']} {self.plane['plane_confidence']:.2f}]"
+        if self.row.get("quality") is not None:
+            text += f" [quality {self.row['quality']:.2f}{': RE-ACQUIRE' if self.row.get('reacquire') else ''}]"
         return text
 
 
@@ -104,7 +111,8 @@ class BiometryPrediction:
         for items in by_file.values():
             if len(items) == 1 and items[0].row.get("frame") is None:
                 m = items[0]
-                lines.append((f"{m.image_id}: {m.summary()}", m.measurement.status == "check"))  # type: ignore[attr-defined]
+                lines.append((f"{m.image_id}: {m.summary()}",
+                              m.measurement.status == "check" or m.row.get("reacquire") is True))  # type: ignore[attr-defined]
                 continue
             name = items[0].image_id.split("#")[0]
             ms = [i.measurement for i in items]
@@ -225,6 +233,17 @@ def measure_records(segmenter, records: Sequence, cfg: BiometryPredictConfig, ou
                 off_plane += 1
                 m.warnings.append(f"{r.image_id}: SonoNet reads the plane as {pr.plane} ({pr.confidence:.2f}), "
                                   f"not a brain plane; {BIOMETRY_PLANE}")
+        quality = {}
+        if cfg.quality_check:
+            from fetalscan.biometry.quality import quality_summary
+            from fetalscan.quality.planes import BRAIN_PLANES
+
+            brain = sum(pr.probabilities.get(p, 0.0) for p in BRAIN_PLANES) if cfg.plane_check else None
+            qs = quality_summary(segmenter, image, ps, where=r.image_id, plane_brain_prob=brain, device=device)
+            quality = {"quality": qs["quality"], "reacquire": qs["reacquire"]}
+            if qs["reacquire"]:
+                m.warnings.append(f"{r.image_id}: image quality {qs['quality']:.2f} is below {qs['threshold']:.2f}: "
+                                  "re-acquire the image if possible (docs/quality.md)")
         stem = Path(r.name).stem + (f"_frame{r.frame}" if r.frame is not None else "")
         overlay = out / "overlays" / f"{i:05d}_{stem}.png"
         save_overlay(overlay, image, m)
@@ -235,7 +254,7 @@ def measure_records(segmenter, records: Sequence, cfg: BiometryPredictConfig, ou
                 ref = refs[i]
                 row["hc_ref_mm"] = ref
                 row["hc_diff_mm"] = (value - ref) if (value is not None and ref is not None) else None
-        row.update({**plane, "overlay": str(overlay.relative_to(out))})
+        row.update({**plane, **quality, "overlay": str(overlay.relative_to(out))})
         images.append(MeasuredImage(r.image_id, m, plane, row))
     write_csv(out / "measurements.csv", pd.DataFrame([m.row for m in images]))
     warnings = []
