@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(BIN)/fetalscan demo
 
 test: $(STAMP) system
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # make serve: install, make the demo model if it is missing, start the web service on
 # http://127.0.0.1:8000 (the access token is printed once; FETALSCAN_TOKEN sets your own).
