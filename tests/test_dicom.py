@@ -457,3 +457,36 @@ def test_a_dicom_frame_above_the_pixel_limit_is_refused_before_decoding(tmp_path
         read_dicom_frames(path)
     monkeypatch.setenv("FETALSCAN_MAX_IMAGE_PIXELS", str(64 * 80))
     assert read_dicom_frames(path)[0].shape == (64, 80, 3)
+
+
+def test_jpeg_syntax_with_data_that_is_not_jpeg_is_one_error_and_nothing_logged(tmp_path, caplog):
+    """pydicom's plugins log their own failures; the user gets one line naming the file, no log noise."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, UltrasoundImageStorage, generate_uid
+
+    from fetalscan.data.dicom import read_dicom_frames
+    from fetalscan.errors import ImageReadError
+
+    path = tmp_path / "fake_jpeg.dcm"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = encapsulate([b"this is not a JPEG stream" * 10])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=False)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ImageReadError) as info:
+        read_dicom_frames(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot decode frame 0 (JPEG Baseline") and "\n" not in message
+    assert not [r for r in caplog.records if r.name.startswith("pydicom") and r.levelno >= logging.WARNING]

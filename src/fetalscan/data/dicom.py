@@ -439,15 +439,34 @@ def _decode_frames(path: Path, ds: Dataset, indices: list[int]) -> Iterator[tupl
     photometric = "RGB" if stored.startswith("YBR") else stored
     for index in indices:
         try:
-            arr = next(frames)
+            with _pydicom_quiet():  # its decoders log each plugin's failure; our one error says it
+                arr = next(frames)
             yield index, _to_rgb8(arr, photometric, ds)
         except FetalscanError as exc:
             raise ImageReadError(f"{path}: frame {index}: {exc}") from exc
         except Exception as exc:
             raise ImageReadError(
                 f"{path}: cannot decode frame {index} ({name}); the pixel data may be "
-                f"corrupt or truncated ({type(exc).__name__}: {exc})"
+                f"corrupt or truncated ({type(exc).__name__}: {_one_line(exc)})"
             ) from exc
+
+
+@contextlib.contextmanager
+def _pydicom_quiet() -> Iterator[None]:
+    """pydicom's logger silenced for the block (its plugins log decode failures on their own)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A library's (possibly multi-line) error message as one short line."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _has_pixel_data(path: Path) -> bool:
