@@ -89,6 +89,9 @@ def test_killed_run_resumes_and_predicts_each_file_exactly_once(archive, tiny_cl
     complete_rows = raw.count(b"\n") - 1  # header
     assert 8 <= complete_rows < N_IMAGES
 
+    again = _cli(args)  # the same command without --resume is refused, and says how to go on
+    assert again.returncode == 2 and "--resume" in again.stderr, again.stderr
+
     resumed = _cli([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert f"({complete_rows} already done, {N_IMAGES - complete_rows} new)" in resumed.stdout + resumed.stderr

@@ -303,11 +303,14 @@ def describe_unfinished(out: Path) -> str:
     shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
     command = info.get("command") or "an earlier fetalscan command"
     when = f" (started {info['started']})" if info.get("started") else ""
-    return (f"output folder {out} holds an unfinished run: `{command}`{when} was interrupted or failed before it "
-            f"finished, and left {len(left)} file(s)" + (f": {shown}" if left else "") + ". Those files are complete "
-            "(each is written whole or not at all) but the set is not, and fetalscan cannot resume this run. Start "
-            "over by running the same command with --overwrite (overwrite=True in Python; its files are replaced), "
-            "or choose another output folder")
+    head = (f"output folder {out} holds an unfinished run: `{command}`{when} was interrupted or failed before it "
+            f"finished, and left {len(left)} file(s)" + (f": {shown}" if left else "") + ". ")
+    if (out / "predict_run.json").is_file():  # archive-scale prediction appends and resumes (inference.batch)
+        return head + ("Its rows are complete; run the same command with --resume to go on without redoing "
+                       "finished images, or with --overwrite to start over")
+    return head + ("Those files are complete (each is written whole or not at all) but the set is not, and "
+                   "fetalscan cannot resume this run. Start over by running the same command with --overwrite "
+                   "(overwrite=True in Python; its files are replaced), or choose another output folder")
 
 
 def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
