@@ -137,7 +137,9 @@ def image_quality_signals(segmenter, image: np.ndarray, pixel_size_mm: float | N
 
 
 def plane_brain_probability(images: Sequence[np.ndarray], device=None) -> list[float]:
-    """P(transventricular) + P(transcerebellar) from the plane gate (SonoNet-16), per image."""
+    """P(brain plane) per image from the plane gate (SonoNet-16): the sum of its two brain classes,
+    Brain (Tv.) and Brain (Cb.); SonoNet-16 has no transthalamic class, so this says "a brain plane",
+    not "the biometry plane"."""
     from fetalscan.quality.planes import BRAIN_PLANES, classify_planes
 
     res = classify_planes(list(images), device)
