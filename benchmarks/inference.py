@@ -10,7 +10,9 @@ random weights: speed does not depend on them) at its registered input size:
   (:func:`fetalscan.inference.onnx.cached_onnx`: normalisation inside the graph, ONNX Runtime
   with all graph optimisations, intra-op threads = physical cores), fed the prepared uint8 batch;
 - images/s at batch 1, 8 and 32 (median of the repeats) and p50 / p95 latency at batch 1;
-  each measurement alternates baseline and ours, so both see the same machine load;
+  baseline and ours alternate in short blocks, so both see the same machine load, and the first
+  call of each block is not timed (both libraries' worker threads spin briefly after a call, so
+  strictly interleaved single calls would time each engine against the other's threads);
 - the machine's dense float32 matmul rate (GFLOP/s, ``torch.mm`` 2048 x 2048, best of 5) and the
   share of it each model reaches at batch 32.
 
@@ -110,8 +112,10 @@ def bench_model(name: str, batches: tuple[int, ...], repeats: int, latency_n: in
         xt = torch.from_numpy(xb)
         eager(xt), engine.logits(xb, b)  # warm-up
         te, to = [], []
-        for _ in range(repeats):
+        for _ in range(repeats):  # each timed call follows one untimed call of the same engine (see below)
+            eager(xt)
             te.append(_timed(lambda: eager(xt)))
+            engine.logits(xb, b)
             to.append(_timed(lambda: engine.logits(xb, b)))
         out["batches"][str(b)] = {"eager_ips": b / statistics.median(te), "ours_ips": b / statistics.median(to)}
         if qengine is not None:
@@ -121,9 +125,14 @@ def bench_model(name: str, batches: tuple[int, ...], repeats: int, latency_n: in
     x1 = example_batch(pre, 1, seed=7)
     x1t = torch.from_numpy(x1)
     le, lo = [], []
-    for _ in range(latency_n):
-        le.append(_timed(lambda: eager(x1t)) * 1000)
-        lo.append(_timed(lambda: engine.logits(x1, 1)) * 1000)
+    # blocks of calls, alternating: PyTorch's and ONNX Runtime's worker threads keep spinning for a
+    # moment after a call, so strictly alternating single calls would time each one against the
+    # other's spinning threads; the first call of each block is not counted
+    block = max(2, latency_n // 5)
+    for _ in range(5):
+        for fn, sink in ((lambda: eager(x1t), le), (lambda: engine.logits(x1, 1), lo)):
+            fn()
+            sink.extend(_timed(fn) * 1000 for _ in range(block))
     out["eager_b1_p50_ms"], out["eager_b1_p95_ms"] = float(np.percentile(le, 50)), float(np.percentile(le, 95))
     out["ours_b1_p50_ms"], out["ours_b1_p95_ms"] = float(np.percentile(lo, 50)), float(np.percentile(lo, 95))
     if qengine is not None:
