@@ -24,14 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +39,6 @@ SHARED_BRAIN = REPO.parent / "shared" / "data" / "fetal_brain" / "manifest.csv"
 SAMPLE = REPO / "examples" / "fetal_brain_sample" / "manifest.csv"
 TOKEN = "benchmark-stream-token-0123456789"
 FAST = "mobilenetv3_large_100"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model(folder: Path, backbone: str = FAST) -> Path:
@@ -93,20 +84,6 @@ def make_frames(folder: Path, n: int, fps: float) -> tuple[list[bytes], str]:
         frames.append(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
     cap.release()
     return frames, f"{video.name} from {len(picks)} images of {manifest.parent.name} (640x640, {fps:g} fps)"
-
-
-def wait_health(port: int, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    start = time.time()
-    while time.time() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("the server did not start in time")
 
 
 def play(port: int, frames: list[bytes], fps: float, subprotocols: list[str]) -> dict:
@@ -205,30 +182,21 @@ def baseline_app(model_path: Path):
     return app
 
 
-def start_server(kind: str, model: Path, port: int, folder: Path) -> subprocess.Popen:
-    env = {**os.environ, "FETALSCAN_TOKEN": TOKEN}
+def server_command(kind: str, model: Path, port: int, folder: Path) -> list[str]:
     if kind == "ours":
-        cmd = [sys.executable, "-m", "fetalscan", "serve", "--model", str(model), "--port", str(port),
-               "--backend", "auto", "--device", "cpu", "--db", str(folder / "reviews.sqlite")]
-    else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(model), "--port", str(port)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(folder))
+        return [sys.executable, "-m", "fetalscan", "serve", "--model", str(model), "--port", str(port),
+                "--backend", "auto", "--device", "cpu", "--db", str(folder / "reviews.sqlite")]
+    return [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(model), "--port", str(port)]
 
 
 def run_one(kind: str, model: Path, frames: list[bytes], fps: float, folder: Path) -> dict:
+    from fetalscan.serve.process import free_port, running_server
+
     port = free_port()
-    proc = start_server(kind, model, port, folder)
-    try:
-        wait_health(port, proc)
+    with running_server(server_command(kind, model, port, folder), port, folder, env={"FETALSCAN_TOKEN": TOKEN}):
         protocols = ["fetalscan.stream.v1", "bearer." + TOKEN]
         play(port, frames[:10], fps, protocols)  # warm-up (first ONNX run, first torch run)
         return play(port, frames, fps, protocols)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main(argv=None) -> int:

@@ -127,3 +127,14 @@ def tiny_classifier(tmp_path_factory) -> Path:
     manifest = write_manifest(root / "manifest.csv", rows)
     Classifier(head_epochs=20, seed=0, device="cpu").fit(manifest).save(root / "model.pt")
     return root / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium for the Playwright tests; the test is skipped, saying why, when there is none."""
+    from live_service import chromium_path
+
+    path = chromium_path()
+    if path is None:
+        pytest.skip("Chromium is not installed (make system installs Debian's chromium)")
+    return path

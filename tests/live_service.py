@@ -21,3 +21,4 @@ def chromium_path() -> str | None:
         if found:
             return found
     return None
+

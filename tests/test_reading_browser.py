@@ -15,19 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import blob_image, write_manifest, write_png
-from live_service import chromium_path, running_service
+from live_service import running_service
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = chromium_path()
-    if path is None:
-        pytest.skip("Chromium is not installed (make system installs Debian's chromium)")
-    return path
 
 
 @pytest.fixture(scope="module")

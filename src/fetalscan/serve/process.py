@@ -54,16 +54,29 @@ def running_service(model: str | Path, workdir: Path, *, token: str = "local-pro
     """``fetalscan serve --model MODEL`` on a free loopback port until the block ends."""
     port = free_port()
     workdir = Path(workdir)
-    log = workdir / "serve.log"
-    env = {**os.environ, "FETALSCAN_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "fetalscan", "serve", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--db", str(workdir / "reviews.sqlite"), "--device", "cpu", *extra_args]
+    with running_server(cmd, port, workdir, env={"FETALSCAN_TOKEN": token}) as (url, log):
+        yield Service(url=url, token=token, log=log)
+
+
+@contextlib.contextmanager
+def running_server(cmd: Sequence[str], port: int, workdir: Path,
+                   env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    """Run ``cmd`` (a server listening on 127.0.0.1:``port`` with ``/api/v1/health``) until the block ends.
+
+    Yields the base URL and the file its output goes to; waits until health answers; always
+    terminates the process (killed after 20 s) when the block ends.
+    """
+    workdir = Path(workdir)
+    log = workdir / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(proc, url, log)
-            yield Service(url=url, token=token, log=log)
+            yield url, log
         finally:
             proc.terminate()
             try:
@@ -77,7 +90,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise FetalscanError(f"fetalscan serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+            raise FetalscanError(f"the server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         try:
             with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2.0) as r:
                 if r.status == 200:
@@ -85,5 +98,5 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.25)
-    raise FetalscanError(f"fetalscan serve did not answer within {START_TIMEOUT_S:.0f} s:\n"
+    raise FetalscanError(f"the server did not answer within {START_TIMEOUT_S:.0f} s:\n"
                        f"{log.read_text(errors='replace')}")
