@@ -198,32 +198,10 @@ def test_regex_that_does_not_match_names_the_file(tmp_path: Path) -> None:
 
 
 def _cine_dicom(path: Path, frames: np.ndarray, study_uid: str = "1.2.3.4") -> Path:
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from dicom_builders import write_dicom
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US multi-frame
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.PatientID = "anon"
-    ds.Modality = "US"
-    ds.Rows, ds.Columns = frames.shape[1:3]
-    ds.NumberOfFrames = len(frames)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = frames.astype(np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    assert pydicom.dcmread(path).NumberOfFrames == len(frames)
-    return path
+    return write_dicom(path, frames.astype(np.uint8), multiframe=True, StudyInstanceUID=study_uid, PatientID="anon")
 
 
 def test_cine_dicom_expands_into_frames_of_one_group(tmp_path: Path) -> None:

@@ -9,18 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SHARED
+from dicom_builders import base_dataset, write_dicom
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import convert_color_space, get_decoder
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLSLossless,
-    UltrasoundImageStorage,
-    UltrasoundMultiFrameImageStorage,
-    generate_uid,
 )
 
 from fetalscan.data.dicom import (
@@ -41,70 +38,6 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128), (224, 172, 10
 
 
 # ------------------------------------------------------------------------- builders
-
-
-def write_dicom(
-    path: Path,
-    frames: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    *,
-    planar: int = 0,
-    multiframe: bool | None = None,
-    **elements,
-) -> Path:
-    """Write ``frames`` (H,W), (H,W,3), (N,H,W) or (N,H,W,3) as an uncompressed DICOM."""
-    colour = photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
-    single = frames.ndim == (3 if colour else 2)
-    stack = frames[None] if single else frames
-    ds = _base_dataset(path, stack.shape[1], stack.shape[2], photometric, stack.dtype.itemsize * 8)
-    if multiframe if multiframe is not None else not single:
-        ds.NumberOfFrames = len(stack)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    if colour:
-        ds.SamplesPerPixel = 3
-        ds.PlanarConfiguration = planar
-    ds.PixelData = b"".join(_encode_frame(f, photometric, planar) for f in stack)
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def _base_dataset(path: Path, rows: int, cols: int, photometric: str, bits: int,
-                  transfer_syntax=ExplicitVRLittleEndian) -> FileDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = UltrasoundImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "PAT-001"
-    ds.Modality = "US"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    return ds
-
-
-def _encode_frame(frame: np.ndarray, photometric: str, planar: int) -> bytes:
-    if photometric in ("YBR_FULL", "YBR_FULL_422"):
-        frame = convert_color_space(frame.copy(), "RGB", "YBR_FULL")
-    if photometric == "YBR_FULL_422":  # per pixel pair: Y0 Y1 Cb Cr (PS3.3 C.7.6.3.1.2)
-        y, cb, cr = frame[..., 0], frame[..., 1], frame[..., 2]
-        packed = np.stack(
-            [y[:, 0::2], y[:, 1::2], cb[:, 0::2], cr[:, 0::2]], axis=-1
-        )
-        return packed.astype("<u1").tobytes()
-    if frame.ndim == 3 and planar == 1:
-        frame = np.moveaxis(frame, -1, 0)
-    return frame.astype(frame.dtype.newbyteorder("<")).tobytes()
-
 
 def colour_blocks(height: int = 8, block: int = 4) -> np.ndarray:
     """A (height, block*len(COLOURS), 3) uint8 RGB strip of solid colour blocks."""
@@ -301,7 +234,7 @@ def write_jpeg_dicom(path: Path, rgb: np.ndarray) -> Path:
         pytest.skip("no JPEG baseline decoder (Pillow plugin) available")
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=100, subsampling=1)
-    ds = _base_dataset(path, *rgb.shape[:2], "YBR_FULL_422", 8, transfer_syntax=JPEGBaseline8Bit)
+    ds = base_dataset(path, *rgb.shape[:2], "YBR_FULL_422", 8, transfer_syntax=JPEGBaseline8Bit)
     ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
     ds.PixelData = encapsulate([buf.getvalue()])
     ds["PixelData"].VR = "OB"
@@ -435,7 +368,7 @@ def test_missing_pixel_data(tmp_path):
 
 def test_undecodable_transfer_syntax_says_what_to_install(tmp_path):
     path = tmp_path / "jls.dcm"
-    ds = _base_dataset(path, 4, 4, "MONOCHROME2", 8, transfer_syntax=JPEGLSLossless)
+    ds = base_dataset(path, 4, 4, "MONOCHROME2", 8, transfer_syntax=JPEGLSLossless)
     ds.PixelData = encapsulate([b"\xff\xd8not really jpeg-ls\xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
@@ -461,26 +394,11 @@ def test_a_dicom_frame_above_the_pixel_limit_is_refused_before_decoding(tmp_path
 
 def test_jpeg_syntax_with_data_that_is_not_jpeg_is_one_error_and_nothing_logged(tmp_path, caplog):
     """pydicom's plugins log their own failures; the user gets one line naming the file, no log noise."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGBaseline8Bit, UltrasoundImageStorage, generate_uid
-
     from fetalscan.data.dicom import read_dicom_frames
     from fetalscan.errors import ImageReadError
 
     path = tmp_path / "fake_jpeg.dcm"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows = ds.Columns = 64
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
+    ds = base_dataset(path, 64, 64, "MONOCHROME2", 8, transfer_syntax=JPEGBaseline8Bit)
     ds.PixelData = encapsulate([b"this is not a JPEG stream" * 10])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=False)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import blob_image
+from dicom_builders import write_dicom
 
 from fetalscan.cli import main
 
@@ -40,32 +41,10 @@ NEEDLES = [v for v in PLANTED.values()] + ["Quixplant", "Zebedee", "Plantwell", 
 
 
 def _dicom(path: Path, image: np.ndarray, k: int) -> Path:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = f"{STUDY_UID_ROOT}{k}"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "US"
-    for key, value in PLANTED.items():
-        setattr(ds, key, value if key not in ("PatientID",) else f"{value}{k}")
-    ds.StudyDate = "20260301"
-    ds.Rows, ds.Columns = image.shape[:2]
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    """An RGB ultrasound DICOM of patient ``k`` carrying every planted identifier."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    planted = {key: (f"{value}{k}" if key == "PatientID" else value) for key, value in PLANTED.items()}
+    return write_dicom(path, image, "RGB", StudyInstanceUID=f"{STUDY_UID_ROOT}{k}", StudyDate="20260301", **planted)
 
 
 @pytest.fixture(scope="module")

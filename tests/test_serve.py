@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import blob_image, write_manifest, write_png
+from conftest import blob_image, write_png
+from dicom_builders import write_dicom
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -64,41 +65,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_dicom(path: Path, frames: np.ndarray, **elements) -> Path:
-    """An uncompressed MONOCHROME2 ultrasound DICOM: (H, W) single frame or (N, H, W) cine."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        UltrasoundImageStorage,
-        UltrasoundMultiFrameImageStorage,
-        generate_uid,
-    )
-
-    cine = frames.ndim == 3
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if cine else UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.Modality = "US"
-    ds.Rows, ds.Columns = frames.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    if cine:
-        ds.NumberOfFrames = len(frames)
-    ds.PixelData = frames.astype(np.uint8).tobytes()
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def analyze(client, files, headers=AUTH, **data):
