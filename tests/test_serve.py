@@ -518,6 +518,28 @@ def test_biometry_gives_ellipse_hc_and_ga_when_a_segmenter_is_loaded(biometry_ap
     assert bio["unit"] == "px" and bio["ga_weeks"] is None and any("pixel size" in w for w in bio["warnings"])
 
 
+def test_quality_score_reuses_the_plane_gate_of_the_prediction_path(biometry_app, monkeypatch):
+    """The service's quality score equals quality_summary run on its own (which runs the plane gate itself),
+    and the plane gate runs once per image: in the prediction path, not again for the score."""
+    import fetalscan.biometry.quality as bq
+    import fetalscan.quality.planes as planes
+    c = TestClient(biometry_app)
+    image = blob_image(12, size=200)
+    calls = []
+    real = planes.classify_planes
+    monkeypatch.setattr(planes, "classify_planes",
+                        lambda imgs, *a, **k: calls.append(len(imgs)) or real(imgs, *a, **k))
+    body = analyze(c, [("head.png", png_bytes(image), "image/png")], pixel_size_mm="0.9").json()
+    bio = body["images"][0]["biometry"]
+    assert calls == [1]
+    monkeypatch.setattr(planes, "classify_planes", real)
+    segmenter = biometry_app.state.analyzer.segmenter
+    alone = bq.quality_summary(segmenter, image, 0.9)
+    assert bio["quality"]["quality"] == pytest.approx(alone["quality"], abs=1e-6)
+    assert bio["quality"]["signals"]["plane_brain_prob"] == pytest.approx(alone["signals"]["plane_brain_prob"],
+                                                                          abs=1e-6)
+
+
 def test_dicom_calibration_is_used_for_biometry(biometry_app, tmp_path):
     c = TestClient(biometry_app)
     path = write_dicom(tmp_path / "head.dcm", grey(13, size=200), PixelSpacing=[0.5, 0.5])

@@ -140,10 +140,10 @@ def plane_brain_probability(images: Sequence[np.ndarray], device=None) -> list[f
     """P(brain plane) per image from the plane gate (SonoNet-16): the sum of its two brain classes,
     Brain (Tv.) and Brain (Cb.); SonoNet-16 has no transthalamic class, so this says "a brain plane",
     not "the biometry plane"."""
-    from fetalscan.quality.planes import BRAIN_PLANES, classify_planes
+    from fetalscan.quality.planes import classify_planes
 
     res = classify_planes(list(images), device)
-    return [float(sum(r.probabilities.get(p, 0.0) for p in BRAIN_PLANES)) for r in res]
+    return [r.brain_probability for r in res]
 
 
 #: What the console, the CSV and the service say below the threshold.

@@ -98,6 +98,9 @@ class Prediction:
     unknown_labels: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     config: PredictConfig = field(default_factory=PredictConfig)
+    #: With ``plane_check``: the plane gate's full reading of each image (rows of ``images``), for
+    #: callers that need more than the table's columns (the service's quality score); not written.
+    planes: list | None = None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -150,7 +153,7 @@ def predict(loaded, dataset: Dataset, config: PredictConfig | None = None,
         notes.extend(_plane_notes(images))
     patients = (aggregate_groups(images, loaded.classes, cfg.aggregate, cfg.normal_class) if aggregate_patients
                 else pd.DataFrame())
-    return Prediction(images, patients, list(loaded.classes), unknown, notes, cfg)
+    return Prediction(images, patients, list(loaded.classes), unknown, notes, cfg, planes)
 
 
 def _plane_notes(images: pd.DataFrame) -> list[str]:

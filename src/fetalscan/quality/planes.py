@@ -86,6 +86,11 @@ class PlaneResult:
     crop: str = "none"  # how the image was cropped: "voluson_e8", "none" or "x0,y0,x1,y1"
 
     @property
+    def brain_probability(self) -> float:
+        """P(a brain plane): the sum of the probabilities of :data:`BRAIN_PLANES`."""
+        return float(sum(self.probabilities.get(p, 0.0) for p in BRAIN_PLANES))
+
+    @property
     def is_brain(self) -> bool:
         """Whether the plane is a brain plane (transventricular or transcerebellar)."""
         return is_brain_plane(self.plane)

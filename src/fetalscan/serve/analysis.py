@@ -333,12 +333,14 @@ class Analyzer:
         cfg.validate()
         layer = layer_for(self.loaded, cfg.layer)
         planes = prediction.images["plane"].tolist() if "plane" in prediction.images else [None] * len(records)
+        # the quality score's plane signal comes from the gate's run in the prediction path (not a second run)
+        brain = [r.brain_probability for r in prediction.planes] if prediction.planes else [None] * len(records)
         batch: list[tuple[int, np.ndarray]] = []
 
         def flush():
             exps = explain_arrays(self.loaded, [img for _, img in batch], cfg, self.device, layer)
             for (i, img), exp in zip(batch, exps):
-                bio, bio_png = self._biometry(records[i], img, planes[i], pixel_size_mm)
+                bio, bio_png = self._biometry(records[i], img, planes[i], pixel_size_mm, brain[i])
                 heat = np.clip(exp.heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 yield i, png_bytes(img), heat, exp, bio, bio_png
             batch.clear()
@@ -352,7 +354,8 @@ class Analyzer:
             out.update((item[0], item[1:]) for item in flush())
         return [out[i] for i in range(len(records))]
 
-    def _biometry(self, record, image: np.ndarray, plane: str | None, pixel_size_mm: float | None):
+    def _biometry(self, record, image: np.ndarray, plane: str | None, pixel_size_mm: float | None,
+                  brain_probability: float | None = None):
         if self.segmenter is None:
             return None, None
         from fetalscan.biometry.geometry import draw_overlay
@@ -394,7 +397,8 @@ class Analyzer:
         from fetalscan.biometry.quality import quality_summary
 
         try:
-            bio["quality"] = quality_summary(self.segmenter, image, ps, where=record.image_id)
+            bio["quality"] = quality_summary(self.segmenter, image, ps, where=record.image_id,
+                                             plane_brain_prob=brain_probability)
         except FetalscanError as exc:
             warn.append(f"{record.image_id}: no quality score ({exc})")
         if bio["quality"] is not None and bio["quality"]["reacquire"]:
