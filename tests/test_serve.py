@@ -35,14 +35,9 @@ API = "/api/v1"
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tiny_model(tiny_classifier) -> Path:
-    return tiny_classifier
-
-
-@pytest.fixture(scope="module")
-def app(tiny_model, tmp_path_factory):
+def app(tiny_classifier, tmp_path_factory):
     db = tmp_path_factory.mktemp("serve_db") / "reviews.sqlite"
-    return create_app(ServeSettings(model=tiny_model, token=TOKEN, db=db, device="cpu", warm_up=False))
+    return create_app(ServeSettings(model=tiny_classifier, token=TOKEN, db=db, device="cpu", warm_up=False))
 
 
 @pytest.fixture
@@ -76,12 +71,12 @@ def grey(seed: int, size: int = 64) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- health and model
-def test_health_needs_no_token_and_names_the_model_classes_and_version(client, tiny_model):
+def test_health_needs_no_token_and_names_the_model_classes_and_version(client, tiny_classifier):
     r = client.get(f"{API}/health")
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["version"] == "0.1.0"
-    assert body["model"] == tiny_model.name and body["classes"] == ["abnormal", "normal"]
+    assert body["model"] == tiny_classifier.name and body["classes"] == ["abnormal", "normal"]
     assert body["auth"] == "token" and body["biometry"] is False and body["disclaimer"] == DISCLAIMER
 
 
@@ -420,18 +415,18 @@ def test_api_responses_are_not_cached(client):
 
 
 # --------------------------------------------------------------------------- settings
-def test_settings_refuse_insecure_local_off_loopback_and_weak_tokens(tiny_model, tmp_path):
+def test_settings_refuse_insecure_local_off_loopback_and_weak_tokens(tiny_classifier, tmp_path):
     with pytest.raises(FetalscanError, match="loopback"):
-        ServeSettings(model=tiny_model, insecure_local=True, host="0.0.0.0").validate()
+        ServeSettings(model=tiny_classifier, insecure_local=True, host="0.0.0.0").validate()
     with pytest.raises(FetalscanError, match="no access token"):
-        ServeSettings(model=tiny_model).validate()
+        ServeSettings(model=tiny_classifier).validate()
     with pytest.raises(FetalscanError, match="at least 16"):
-        ServeSettings(model=tiny_model, token="short").validate()
+        ServeSettings(model=tiny_classifier, token="short").validate()
     with pytest.raises(FetalscanError, match="not allowed"):
-        ServeSettings(model=tiny_model, token=TOKEN, cors_origins=["*"]).validate()
+        ServeSettings(model=tiny_classifier, token=TOKEN, cors_origins=["*"]).validate()
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
-        ServeSettings(model=tiny_model, insecure_local=True, host=host).validate()
-    assert "test-token" not in json.dumps(ServeSettings(model=tiny_model, token=TOKEN).to_dict())
+        ServeSettings(model=tiny_classifier, insecure_local=True, host=host).validate()
+    assert "test-token" not in json.dumps(ServeSettings(model=tiny_classifier, token=TOKEN).to_dict())
 
 
 def test_token_comparison_is_constant_time_and_exact():
@@ -444,8 +439,8 @@ def test_token_comparison_is_constant_time_and_exact():
     assert generated and len(token) >= 32 and token != resolve_token({})[0]
 
 
-def test_insecure_local_app_needs_no_token_and_says_so(tiny_model, tmp_path):
-    app = create_app(ServeSettings(model=tiny_model, insecure_local=True, db=tmp_path / "db.sqlite",
+def test_insecure_local_app_needs_no_token_and_says_so(tiny_classifier, tmp_path):
+    app = create_app(ServeSettings(model=tiny_classifier, insecure_local=True, db=tmp_path / "db.sqlite",
                                    device="cpu", warm_up=False))
     c = TestClient(app)
     assert c.get(f"{API}/health").json()["auth"] == "off (--insecure-local)"
@@ -454,8 +449,8 @@ def test_insecure_local_app_needs_no_token_and_says_so(tiny_model, tmp_path):
     assert "insecure-local" in c.get("/").text
 
 
-def test_cors_opens_only_for_named_origins(tiny_model, tmp_path):
-    app = create_app(ServeSettings(model=tiny_model, token=TOKEN, db=tmp_path / "db.sqlite", device="cpu",
+def test_cors_opens_only_for_named_origins(tiny_classifier, tmp_path):
+    app = create_app(ServeSettings(model=tiny_classifier, token=TOKEN, db=tmp_path / "db.sqlite", device="cpu",
                                    warm_up=False, cors_origins=["https://viewer.example.org"]))
     c = TestClient(app)
     ok = c.options(f"{API}/analyze", headers={"Origin": "https://viewer.example.org",
@@ -465,17 +460,17 @@ def test_cors_opens_only_for_named_origins(tiny_model, tmp_path):
     assert "access-control-allow-origin" not in {k.lower() for k in other.headers}
 
 
-def test_a_missing_or_foreign_model_file_is_a_clear_error(tmp_path, tiny_model):
+def test_a_missing_or_foreign_model_file_is_a_clear_error(tmp_path, tiny_classifier):
     with pytest.raises(FetalscanError, match="not found"):
         create_app(ServeSettings(model=tmp_path / "none.pt", token=TOKEN, db=tmp_path / "db.sqlite"))
     with pytest.raises(FetalscanError, match="segmenter"):
-        create_app(ServeSettings(model=tiny_model, biometry_model=tiny_model, token=TOKEN,
+        create_app(ServeSettings(model=tiny_classifier, biometry_model=tiny_classifier, token=TOKEN,
                                  db=tmp_path / "db.sqlite", device="cpu", warm_up=False))
 
 
 # --------------------------------------------------------------------------- biometry
 @pytest.fixture(scope="module")
-def biometry_app(tiny_model, tmp_path_factory):
+def biometry_app(tiny_classifier, tmp_path_factory):
     """The app with a (tiny, untrained) head segmenter whose logits draw a known ellipse."""
     from fetalscan.models.segmenters import (
         SegmenterConfig,
@@ -486,7 +481,7 @@ def biometry_app(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_bio")
     cfg = SegmenterConfig(encoder="mobilenet_v2", decoder_channels="16,16,8,8,8", input_height=64, input_width=96)
     seg = save_segmenter(root / "seg.pt", build_segmenter(cfg), cfg, calibration={"axis_offset_px": 0.0})
-    app = create_app(ServeSettings(model=tiny_model, biometry_model=seg, token=TOKEN, db=root / "db.sqlite",
+    app = create_app(ServeSettings(model=tiny_classifier, biometry_model=seg, token=TOKEN, db=root / "db.sqlite",
                                    device="cpu", warm_up=False))
     segmenter = app.state.analyzer.segmenter
     h, w = cfg.input_height, cfg.input_width
@@ -550,7 +545,7 @@ def test_dicom_calibration_is_used_for_biometry(biometry_app, tmp_path):
 
 # --------------------------------------------------------------------------- the real server
 @pytest.mark.slow
-def test_fetalscan_serve_starts_uvicorn_answers_and_stops(tiny_model, tmp_path):
+def test_fetalscan_serve_starts_uvicorn_answers_and_stops(tiny_classifier, tmp_path):
     """``python -m fetalscan serve`` on a free loopback port: health, 401, analyze, review, CSV."""
     import os
     import socket
@@ -564,7 +559,7 @@ def test_fetalscan_serve_starts_uvicorn_answers_and_stops(tiny_model, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "FETALSCAN_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "fetalscan", "serve", "--model", str(tiny_model), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "fetalscan", "serve", "--model", str(tiny_classifier), "--port",
                              str(port), "--db", str(tmp_path / "db.sqlite"), "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
