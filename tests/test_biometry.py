@@ -27,7 +27,7 @@ from fetalscan.biometry.training import (
     prepare_set,
 )
 from fetalscan.data.hc18 import load_biometry_manifest, read_mask
-from fetalscan.errors import CheckpointError, DataError
+from fetalscan.errors import CheckpointError, DataError, FetalscanError
 from fetalscan.models.segmenters import build_segmenter, read_segmenter_checkpoint
 
 # --------------------------------------------------------------------------- helpers
@@ -223,6 +223,10 @@ def test_manifest_errors_name_file_line_and_field(tmp_path):
         load_biometry_manifest(bad)
     bad.write_text(text[0] + "\n" + text[1].replace("images/0_HC.png", "images/nope.png") + "\n")
     with pytest.raises(DataError, match="line 2, field 'image': file does not exist: images/nope.png"):
+        load_biometry_manifest(bad)
+    # the same image on two lines would count twice in every score (and could sit on both sides of a split)
+    bad.write_text("\n".join([text[0], text[1], text[2], text[1].replace(",0,", ",9,")]) + "\n")
+    with pytest.raises(DataError, match=r"bad\.csv: 1 repeated row\(s\): line 4 repeats line 2 \(images/0_HC\.png\)"):
         load_biometry_manifest(bad)
 
 
@@ -514,3 +518,44 @@ def test_segmenter_backends_agree(trained):
     img = rng.integers(0, 255, (540, 800, 3), dtype=np.uint8)
     x = torch_seg.prepare(img)[None]
     assert np.allclose(torch_seg.logits(x), onnx_seg.logits(x), atol=1e-3)
+
+
+# --------------------------------------------------------------------------- levers: encoder, TTA, ensemble
+
+
+def test_sononet_segmenter_starts_from_the_bundled_plane_classifier_weights():
+    import torch
+
+    from fetalscan.models.segmenters import SegmenterConfig
+    from fetalscan.models.sononet import sononet16
+
+    pre = build_segmenter(SegmenterConfig(encoder="sononet16", pretrained="sononet", input_height=64, input_width=96))
+    scratch = build_segmenter(SegmenterConfig(encoder="sononet16", pretrained="none", input_height=64, input_width=96))
+    ref = sononet16(pretrained=True)
+    for k, v in ref.features.state_dict().items():
+        assert torch.equal(pre.encoder.state_dict()[k], v), k
+    assert not torch.equal(scratch.encoder.state_dict()["0.0.0.weight"], ref.features.state_dict()["0.0.0.weight"])
+    out = pre.eval()(torch.zeros(2, 1, 64, 96))
+    assert out.shape == (2, 1, 64, 96)
+    # SonoNet was trained on 255 * standardised grey values: the segmenter feeds it the same scale
+    assert SegmenterConfig(encoder="sononet16").preprocessing().scale == 255.0
+    assert SegmenterConfig().preprocessing().scale == 1.0
+    with pytest.raises(FetalscanError, match="sononet"):
+        SegmenterConfig(encoder="sononet16", pretrained="imagenet").validate()
+    with pytest.raises(FetalscanError, match="imagenet"):
+        SegmenterConfig(encoder="mobilenet_v2", pretrained="sononet").validate()
+
+
+@pytest.mark.slow
+def test_mirror_tta_is_mirror_equivariant_and_an_ensemble_of_copies_equals_one_model(trained):
+    plain = HeadSegmenter.load(trained / "model.pt", backend="torch")
+    tta = HeadSegmenter.load(trained / "model.pt", backend="torch", tta=True)
+    rng = np.random.default_rng(1)
+    x = tta.prepare(rng.integers(0, 255, (270, 400, 3), dtype=np.uint8))[None]
+    a, b = tta.logits(x), tta.logits(x.flip(-1))
+    assert np.allclose(a, b[..., ::-1], atol=1e-4)  # mirroring the input mirrors the averaged output
+    assert not np.allclose(plain.logits(x), plain.logits(x.flip(-1))[..., ::-1], atol=1e-4)  # the net alone is not
+    assert np.allclose(a, 0.5 * (plain.logits(x) + plain.logits(x.flip(-1))[..., ::-1]), atol=1e-5)
+    pair = HeadSegmenter.load([trained / "model.pt", trained / "model.pt"], backend="torch")
+    assert np.allclose(pair.logits(x), plain.logits(x), atol=1e-5)
+    assert pair.axis_offset_px == pytest.approx(plain.axis_offset_px)

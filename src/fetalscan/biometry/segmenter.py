@@ -32,10 +32,15 @@ class HeadSegmenter:
     ``backend="onnx"`` exports it once to ONNX in memory and runs it with
     onnxruntime on the CPU (the fast path, see ``benchmarks/biometry_speed.py``).
     ``auto`` picks onnx on a CPU device and torch on CUDA.
+
+    ``tta=True`` averages the logits of the image and of its left-right mirror (mapped
+    back); ``members`` (see :meth:`ensemble`) averages the logits of several networks of the
+    same input size — e.g. the fold models of a cross-validation (Lakshminarayanan et al.,
+    NeurIPS 2017, deep ensembles). Both are measured as levers in ``docs/biometry.md``.
     """
 
     def __init__(self, model, cfg: SegmenterConfig, calibration: dict | None = None, *,
-                 device=None, backend: str = "auto", meta: dict | None = None) -> None:
+                 device=None, backend: str = "auto", meta: dict | None = None, tta: bool = False) -> None:
         import torch
 
         self.cfg = cfg
@@ -49,7 +54,36 @@ class HeadSegmenter:
         if backend not in ("torch", "onnx"):
             raise FetalscanError(f"backend must be 'torch', 'onnx' or 'auto', got {backend!r}")
         self.backend = backend
+        self.tta = bool(tta)
+        self.members: list[HeadSegmenter] = []
         self._session = None
+
+    @classmethod
+    def ensemble(cls, members: list[HeadSegmenter], *, tta: bool = False) -> HeadSegmenter:
+        """One segmenter that averages the logits of ``members`` (same preprocessing and input size).
+
+        Its ``axis_offset_px`` is the mean of the members' offsets (each chosen on its own
+        inner-validation images, so no test data enters).
+        """
+        if not members:
+            raise FetalscanError("an ensemble needs at least one segmenter")
+        first = members[0]
+        for m in members[1:]:
+            if m.pre != first.pre:
+                raise FetalscanError(f"ensemble members differ in preprocessing ({m.pre} vs {first.pre}); "
+                                     "combine segmenters of the same input size and encoder family")
+        offsets = [m.axis_offset_px for m in members]
+        calibration = {**first.calibration, "axis_offset_px": float(np.mean(offsets)),
+                       "source": f"mean of {len(members)} ensemble members' inner-validation offsets",
+                       "member_axis_offsets_px": offsets}
+        for key in ("mask_axis_offset_px",):
+            vals = [m.calibration[key] for m in members if key in m.calibration]
+            if vals:
+                calibration[key] = float(np.mean(vals))
+        seg = cls(first.model, first.cfg, calibration, device=first.device, backend=first.backend,
+                  meta={**first.meta, "ensemble": [m.meta.get("path") for m in members]}, tta=tta)
+        seg.members = list(members)
+        return seg
 
     @property
     def axis_offset_px(self) -> float:
@@ -57,8 +91,14 @@ class HeadSegmenter:
         return float(self.calibration.get("axis_offset_px", 0.0))
 
     @classmethod
-    def load(cls, path: str | Path, device=None, backend: str = "auto") -> HeadSegmenter:
-        """Load a checkpoint written by :func:`save_segmenter` (strict weights)."""
+    def load(cls, path: str | Path | list, device=None, backend: str = "auto", tta: bool = False) -> HeadSegmenter:
+        """Load a checkpoint written by :func:`save_segmenter` (strict weights); a list of
+        checkpoints gives their :meth:`ensemble`."""
+        if isinstance(path, (list, tuple)):
+            paths = list(path)
+            if len(paths) == 1:
+                return cls.load(paths[0], device, backend, tta)
+            return cls.ensemble([cls.load(p, device, backend) for p in paths], tta=tta)
         blob = read_segmenter_checkpoint(path)
         cfg = config_from_architecture(blob["architecture"], str(path))
         model = build_segmenter(cfg)
@@ -67,8 +107,8 @@ class HeadSegmenter:
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: weights do not match the architecture "
                                   f"({str(exc).splitlines()[0]})") from exc
-        meta = {k: v for k, v in blob.items() if k != "state_dict"}
-        return cls(model, cfg, blob["calibration"], device=device, backend=backend, meta=meta)
+        meta = {k: v for k, v in blob.items() if k != "state_dict"} | {"path": str(path)}
+        return cls(model, cfg, blob["calibration"], device=device, backend=backend, meta=meta, tta=tta)
 
     # ---- network
 
@@ -79,7 +119,20 @@ class HeadSegmenter:
         return prepare(_as_rgb(image), self.pre)
 
     def logits(self, batch) -> np.ndarray:
-        """Low-resolution logits ``(N, h, w)`` float32 of a prepared uint8 batch ``(N, 1, h, w)``."""
+        """Low-resolution logits ``(N, h, w)`` float32 of a prepared uint8 batch ``(N, 1, h, w)``:
+        the mean over the ensemble members and, with ``tta``, over the image and its mirror."""
+        nets = self.members or [self]
+        views = [False, True] if self.tta else [False]
+        total = None
+        for net in nets:
+            for mirror in views:
+                out = net._network_logits(batch.flip(-1) if mirror else batch)
+                out = out[..., ::-1] if mirror else out
+                total = out.astype(np.float32) if total is None else total + out
+        return np.ascontiguousarray(total / (len(nets) * len(views)), dtype=np.float32)
+
+    def _network_logits(self, batch) -> np.ndarray:
+        """Logits of this one network (no averaging)."""
         import torch
 
         from fetalscan.data.transforms import normalize

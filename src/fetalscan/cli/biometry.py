@@ -26,11 +26,11 @@ from fetalscan.cli._ui import (
 )
 
 _HELP = {
-    "encoder": "U-Net encoder (segmentation_models_pytorch): mobilenet_v2, resnet18, resnet34, efficientnet-b0 ...",
+    "encoder": "U-Net encoder: sononet16 (SonoNet-16 trunk, fetalscan) or a segmentation_models_pytorch encoder: mobilenet_v2, resnet18, resnet34, efficientnet-b0 ...",
     "decoder_channels": "five decoder widths, comma-separated",
     "input_height": "network input height (multiple of 32); images are resized, logits upsampled back",
     "input_width": "network input width (multiple of 32)",
-    "pretrained": "encoder weights: none (offline) or imagenet (downloaded once by the library)",
+    "pretrained": "encoder weights: none (offline), imagenet (smp encoders; downloaded once by the library) or sononet (the bundled SonoNet-16 weights, with --encoder sononet16; offline)",
     "epochs": "maximum training epochs (early stopping on the inner-validation HC difference)",
     "batch_size": "mini-batch size",
     "lr": "peak learning rate (AdamW, one-cycle schedule)",

@@ -29,8 +29,10 @@ class SegmenterConfig:
     A U-Net (Ronneberger et al. 2015) from ``segmentation_models_pytorch`` with a
     light encoder, one grey input channel and one output (head logit), run at a
     reduced input size (height, width multiples of 32). ``pretrained`` is
-    ``none`` (default, offline) or ``imagenet`` (downloaded by the library's own
-    loader into its cache; needs network once).
+    ``none`` (default for smp encoders, offline), ``imagenet`` (downloaded by the
+    library's own loader into its cache; needs network once) or, for the
+    ``sononet16`` encoder, ``sononet`` (the bundled in-domain SonoNet-16 weights,
+    offline; see :class:`SonoNetUNet`).
     """
 
     encoder: str = "mobilenet_v2"
@@ -54,18 +56,85 @@ class SegmenterConfig:
             v = getattr(self, name)
             if v < 32 or v % 32:
                 raise FetalscanError(f"--{name.replace('_', '-')} must be a positive multiple of 32, got {v}")
-        if self.pretrained not in ("none", "imagenet"):
-            raise FetalscanError(f"pretrained must be 'none' or 'imagenet' for the segmenter, got {self.pretrained!r}")
+        allowed = ("none", "sononet") if self.encoder == SONONET_ENCODER else ("none", "imagenet")
+        if self.pretrained not in allowed:
+            raise FetalscanError(f"pretrained must be one of {', '.join(map(repr, allowed))} for the "
+                                 f"{self.encoder} segmenter encoder, got {self.pretrained!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def preprocessing(self):
-        """Grey input at ``(input_height, input_width)``, per-image standardisation."""
+        """Grey input at ``(input_height, input_width)``, per-image standardisation (times 255 for the
+        SonoNet-16 encoder, as SonoNet was trained)."""
         from fetalscan.data.transforms import Preprocessing
 
+        scale = 255.0 if self.encoder == SONONET_ENCODER else 1.0
         return Preprocessing(input_size=(self.input_height, self.input_width), channels=1,
-                             normalization="per_image", mean=(0.0,), std=(1.0,), scale=1.0)
+                             normalization="per_image", mean=(0.0,), std=(1.0,), scale=scale)
+
+
+#: Encoder name of the in-domain U-Net (:class:`SonoNetUNet`).
+SONONET_ENCODER = "sononet16"
+
+
+def _conv_block(cin: int, cout: int):
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _sononet_unet_class():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fetalscan.models.sononet import SonoNet16
+
+    class SonoNetUNet(nn.Module):
+        """U-Net (Ronneberger et al. 2015) whose encoder is SonoNet-16's convolutional trunk.
+
+        SonoNet-16 (Baumgartner et al., IEEE TMI 2017) was trained on fetal ultrasound standard
+        planes, so its filters are in-domain, and its weights ship with fetalscan (works offline,
+        unlike ImageNet downloads). The trunk's five stages give the skips at 1, 1/2, 1/4 and 1/8 of
+        the input and the bottleneck at 1/16 (128 channels). The decoder has four upsampling blocks
+        (nearest x2, concatenate the skip, two 3x3 conv-BN-ReLU) of widths ``decoder[0..3]`` and a
+        final 3x3 conv-BN-ReLU of width ``decoder[4]`` before the 1x1 head logit.
+        """
+
+        def __init__(self, decoder: tuple[int, ...], pretrained: bool) -> None:
+            super().__init__()
+            trunk = SonoNet16(num_classes=14)
+            if pretrained:
+                from fetalscan.models.sononet import load_sononet16_state
+
+                trunk.load_state_dict(load_sononet16_state(), strict=True)
+            self.encoder = trunk.features
+            skips = (16, 32, 64, 128)
+            cin = 128
+            blocks = []
+            for skip, width in zip(reversed(skips), decoder[:4]):
+                blocks.append(_conv_block(cin + skip, width))
+                cin = width
+            self.decoder = nn.ModuleList(blocks)
+            self.refine = nn.Sequential(nn.Conv2d(cin, decoder[4], 3, padding=1, bias=False),
+                                        nn.BatchNorm2d(decoder[4]), nn.ReLU(inplace=True))
+            self.head = nn.Conv2d(decoder[4], 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            skips = []
+            for stage in self.encoder:
+                for layer in stage:
+                    if isinstance(layer, nn.MaxPool2d):
+                        skips.append(x)
+                    x = layer(x)
+            for block, skip in zip(self.decoder, reversed(skips)):
+                x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
+                x = block(torch.cat([x, skip], dim=1))
+            return self.head(self.refine(x))
+
+    return SonoNetUNet
 
 
 def build_segmenter(cfg: SegmenterConfig):
@@ -73,13 +142,15 @@ def build_segmenter(cfg: SegmenterConfig):
     import segmentation_models_pytorch as smp
 
     cfg.validate()
+    if cfg.encoder == SONONET_ENCODER:
+        return _sononet_unet_class()(cfg.channels(), pretrained=cfg.pretrained == "sononet")
     weights = "imagenet" if cfg.pretrained == "imagenet" else None
     try:
         return smp.Unet(cfg.encoder, encoder_weights=weights, in_channels=1, classes=1,
                         decoder_channels=cfg.channels())
     except KeyError as exc:
-        raise ModelError(f"unknown segmentation encoder {cfg.encoder!r} ({exc}); try mobilenet_v2, resnet18, "
-                         "resnet34 or efficientnet-b0") from None
+        raise ModelError(f"unknown segmentation encoder {cfg.encoder!r} ({exc}); try mobilenet_v2, sononet16, "
+                         "resnet18, resnet34 or efficientnet-b0") from None
     except (OSError, RuntimeError, ValueError) as exc:
         if weights:
             raise ModelError(f"could not load ImageNet weights for encoder {cfg.encoder!r}: {exc}. "
