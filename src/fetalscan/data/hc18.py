@@ -59,7 +59,7 @@ def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True,
     a missing ``exam`` column or an empty exam cell makes each image its own exam
     (its name as written in the manifest).
     """
-    from fetalscan.data.records import read_csv_table
+    from fetalscan.data.records import read_csv_table, refuse_repeated_lines
 
     csv_path = Path(csv_path)
     columns, rows = read_csv_table(csv_path)
@@ -99,6 +99,7 @@ def load_biometry_manifest(csv_path: str | Path, require_masks: bool = True,
         ps = _positive(row, names["pixel_size_mm"], line, csv_path)
         hc = _positive(row, names["hc_mm"], line, csv_path)
         items.append(BiometryItem(image, mask, exam, ps, hc, row[names["image"]], line))  # type: ignore[arg-type]
+    refuse_repeated_lines(((it.image, it.line, it.name) for it in items), csv_path)
     return items
 
 

@@ -28,7 +28,7 @@ import logging
 import re
 import struct
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -450,12 +450,18 @@ def _manifest_path(root: Path, rel: str, where: str) -> Path:
 def check_repeated_rows(records: Sequence[Record], csv_path: Path) -> None:
     """Raise :class:`DataError` when a manifest lists the same image (file, and frame) on two lines,
     naming them: a repeated image would count twice in every metric."""
-    first: dict[tuple[Path, int | None], Record] = {}
+    refuse_repeated_lines((((r.path, r.frame), r.source_row, r.name) for r in records), csv_path)
+
+
+def refuse_repeated_lines(entries: Iterable[tuple[object, int | None, str]], csv_path: Path) -> None:
+    """Raise :class:`DataError` for ``csv_path`` naming every line whose key (image file, and frame)
+    an earlier line already had; ``entries`` are ``(key, line, name)`` triples."""
+    first: dict = {}
     pairs: dict[tuple[int | None, int | None], str] = {}
-    for r in records:
-        seen = first.setdefault((r.path, r.frame), r)
-        if seen is not r:
-            pairs.setdefault((seen.source_row, r.source_row), r.name)
+    for key, line, name in entries:
+        seen = first.setdefault(key, line)
+        if seen != line:
+            pairs.setdefault((seen, line), name)
     if pairs:
         shown = "; ".join(f"line {b} repeats line {a} ({name})" for (a, b), name in list(pairs.items())[:5])
         more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
