@@ -1,9 +1,10 @@
 """Fit and judge the quality score out of fold; write the shipped quality models.
 
-Usage: python benchmarks/quality_score.py SIGNALS_CSV [--out runs/quality/quality_eval.json] [--write-models]
+Usage: python benchmarks/quality_score.py SIGNALS_CSV [SIGNALS_CSV ...] [--out runs/quality/quality_eval.json]
+       [--write-models] [--segmenter TEXT]
 
-SIGNALS_CSV comes from ``benchmarks/quality_signals.py`` (HC18 images of exams the segmenter
-never saw). Failure = |HC difference| > 5 mm or no head found. For the full model (image +
+Each SIGNALS_CSV comes from ``benchmarks/quality_signals.py`` (HC18 images of exams the segmenter
+that measured them never saw; several CSVs = the folds of a cross-validation, concatenated). Failure = |HC difference| > 5 mm or no head found. For the full model (image +
 segmentation signals) and the image-only model: grouped (by exam) stratified 5-fold; in each fold
 the logistic regression and its re-acquire threshold are fitted on the other 4 folds only.
 Prints the AUROC of the score for failure with a 95 % exam-bootstrap CI, the re-acquire rule's
@@ -36,13 +37,17 @@ def main(argv=None) -> int:
     )
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("signals", type=Path)
+    ap.add_argument("signals", type=Path, nargs="+")
+    ap.add_argument("--segmenter", default="runs/quality/model.pt",
+                    help="how the signals' segmenters were made (written into the shipped models' provenance)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "quality" / "quality_eval.json")
     ap.add_argument("--write-models", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
-    df = pd.read_csv(a.signals)
+    df = pd.concat([pd.read_csv(f) for f in a.signals], ignore_index=True)
+    if df["image"].duplicated().any():
+        raise SystemExit(f"an image appears in two signal tables: {df.loc[df['image'].duplicated(), 'image'].iloc[0]}")
     df["head_found"] = df["head_found"].astype(str) == "True"
     abs_err = np.abs(df["hc_diff_mm"].to_numpy(dtype=float))
     y = failure_labels(abs_err, df["head_found"])
@@ -88,8 +93,8 @@ def main(argv=None) -> int:
         MODEL_DIR.mkdir(exist_ok=True)
         for name, feats in (("full", list(FULL_FEATURES)), ("image", list(IMAGE_FEATURES))):
             m = fit_quality_model(df, y, feats, name=name, seed=a.seed)
-            m.meta.update({"fitted_on": f"{len(df)} HC18 images of {len(set(groups))} exams never seen by the "
-                           "segmenter runs/quality/model.pt (benchmarks/quality_signals.py)",
+            m.meta.update({"fitted_on": f"{len(df)} HC18 images of {len(set(groups))} exams, each measured by a "
+                           f"segmenter that never saw its exam: {a.segmenter} (benchmarks/quality_signals.py)",
                            "oof_auroc": report["models"][name]["auroc"],
                            "oof_auroc_ci95": report["models"][name]["auroc_ci95"],
                            "threshold_rule": "lowest cut-off flagging >= 80 % of the training failures (quality < threshold)"})
