@@ -228,30 +228,6 @@ def test_cli_quality_bad_input_exits_2_naming_the_file(tmp_path, capsys):
     assert "broken.png" in err
 
 
-@pytest.mark.slow
-def test_real_hc18_images_with_the_segmenter(tmp_path, shared_data):
-    """A tiny real-data check: three HC18 images through the segmentation signals (if a model is around)."""
-    from pathlib import Path
-
-    model = Path(__file__).resolve().parents[1] / "runs" / "quality" / "model.pt"
-    if not model.is_file():
-        pytest.skip(f"no trained segmenter at {model} (see docs/quality.md to make one)")
-    from fetalscan.biometry.quality_run import QualityConfig, quality_to_folder
-
-    rows = list(csv.DictReader(open(shared_data / "hc18" / "manifest.csv")))[:3]
-    man = tmp_path / "m.csv"
-    with open(man, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "image": str(shared_data / "hc18" / r["image"]), "mask": ""})
-    res = quality_to_folder(man, tmp_path / "q", biometry_model=model, cfg=QualityConfig(), device="cpu")
-    df = res.table
-    assert len(df) == 3 and df["head_found"].all()
-    assert (df["gcnr"].between(0, 1)).all() and (df["fit_iou"] > 0.8).all()
-    assert df["quality"].between(0, 1).all()
-
-
 def test_planted_leakage_between_folds_is_refused():
     from fetalscan.errors import FetalscanError
 

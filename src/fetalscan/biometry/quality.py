@@ -65,7 +65,9 @@ def _shift(x, dy: int, dx: int):
 def tta_logits(segmenter, image: np.ndarray, shift_px: int = 4) -> list[np.ndarray]:
     """Low-resolution logits of the plain pass and the augmented passes, each mapped back.
 
-    Returns ``[plain, mirrored, shift x, shift y, shift xy]`` as (h, w) float32 arrays.
+    Returns ``[plain, mirrored, shift x, shift y, shift xy]`` as (h, w) float32 arrays. Each pass
+    is the network's own output (the segmenter's mirror TTA, if set, is not applied: it would hide
+    the mirror disagreement this measures).
     """
     import torch
 
@@ -73,7 +75,7 @@ def tta_logits(segmenter, image: np.ndarray, shift_px: int = 4) -> list[np.ndarr
     s = int(shift_px)
     shifts = [(0, s), (s, 0), (s, s)]
     batch = torch.cat([x, torch.flip(x, dims=[-1])] + [_shift(x, dy, dx) for dy, dx in shifts])
-    out = segmenter.logits(batch)
+    out = segmenter.logits(batch, tta=False)
     maps = [out[0], out[1][:, ::-1]]
     for k, (dy, dx) in enumerate(shifts):
         back = _shift(torch.from_numpy(np.ascontiguousarray(out[2 + k]))[None, None], -dy, -dx)
@@ -103,7 +105,8 @@ def image_quality_signals(segmenter, image: np.ndarray, pixel_size_mm: float | N
     (signals, measurement)
         ``signals``: dict of :data:`fetalscan.quality.signals.SEGMENTATION_SIGNALS` and the
         image signals, plus ``head_found``; ``measurement``: the plain pass's
-        :class:`~fetalscan.biometry.geometry.HeadMeasurement` (what ``biometry predict`` reports).
+        :class:`~fetalscan.biometry.geometry.HeadMeasurement` (what ``biometry predict`` reports:
+        the plain pass, or the mean of the plain and mirrored passes for a segmenter with TTA).
     """
     from fetalscan.biometry.geometry import fit_head_ellipse
     from fetalscan.biometry.segmenter import _sigmoid, upsample_logits
@@ -111,7 +114,8 @@ def image_quality_signals(segmenter, image: np.ndarray, pixel_size_mm: float | N
 
     shape = image.shape[:2]
     logits = tta_logits(segmenter, image, shift_px)
-    measurement = segmenter.measure_logits(logits[0], shape, pixel_size_mm, where)
+    own = 0.5 * (logits[0] + logits[1]) if getattr(segmenter, "tta", False) else logits[0]
+    measurement = segmenter.measure_logits(own, shape, pixel_size_mm, where)
     sig = S.image_signals(image)
     sig["head_found"] = bool(measurement.found)
     if not measurement.found or measurement.fit is None or measurement.fit.ellipse is None:

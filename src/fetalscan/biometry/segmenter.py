@@ -118,11 +118,12 @@ class HeadSegmenter:
 
         return prepare(_as_rgb(image), self.pre)
 
-    def logits(self, batch) -> np.ndarray:
+    def logits(self, batch, tta: bool | None = None) -> np.ndarray:
         """Low-resolution logits ``(N, h, w)`` float32 of a prepared uint8 batch ``(N, 1, h, w)``:
-        the mean over the ensemble members and, with ``tta``, over the image and its mirror."""
+        the mean over the ensemble members and, with TTA (``tta``, default: the segmenter's own
+        setting), over the image and its mirror."""
         nets = self.members or [self]
-        views = [False, True] if self.tta else [False]
+        views = [False, True] if (self.tta if tta is None else tta) else [False]
         total = None
         for net in nets:
             for mirror in views:
