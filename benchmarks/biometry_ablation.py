@@ -88,8 +88,22 @@ def score(seg, items, n_boot: int) -> tuple[dict, pd.DataFrame]:
              "within_2mm": float(np.mean(err[ok] <= 2.0)), "dice": float(df["dice"].mean())}, df)
 
 
-def abstain(seg, items, n_boot: int, quality_model: str | None) -> dict:
-    """Held-out error with and without the images the quality rule sets aside."""
+def paired_difference(df: pd.DataFrame, ref: pd.DataFrame, n_boot: int) -> dict:
+    """Mean per-image difference of |HC diff| (variant - reference) on the images both measured, with a
+    95 % bootstrap interval resampling exams (the same resample for both arms)."""
+    from fetalscan.evaluation.bootstrap import group_bootstrap_weights, percentile_interval
+
+    m = df.merge(ref, on="image", suffixes=("", "_ref"))
+    diff = (m["hc_abs_diff_mm"] - m["hc_abs_diff_mm_ref"]).to_numpy(dtype=float)
+    ok = np.isfinite(diff)
+    diff, exams = diff[ok], m.loc[ok, "exam"].astype(str).tolist()
+    stats = [(w @ diff) / np.maximum(w.sum(1), 1e-12) for w in group_bootstrap_weights(exams, n_boot, 0)]
+    return {"n": int(ok.sum()), "mean_mm": float(diff.mean()), "ci95": percentile_interval(np.concatenate(stats))}
+
+
+def abstain(seg, items, n_boot: int, quality_model: str | None, table_out: Path | None = None) -> dict:
+    """Held-out error with and without the images the quality rule sets aside, the AUROC of the score for
+    failure (|HC diff| > 5 mm or no head) on these images, and the error when the lowest 5/10/20 % are set aside."""
     from fetalscan.biometry.predict import prediction_records, reference_hc_mm
     from fetalscan.biometry.quality_run import score_table, signals_for_records
     from fetalscan.evaluation.bootstrap import (
@@ -105,10 +119,24 @@ def abstain(seg, items, n_boot: int, quality_model: str | None) -> dict:
         records = prediction_records(man)
         refs = [reference_hc_mm(r) for r in records]
         df = score_table(signals_for_records(records, seg, None, "cpu", refs), load_quality_model(quality_model, "full"))
+    if table_out is not None:
+        df.to_csv(table_out, index=False)
     err = np.abs(df["hc_diff_mm"].to_numpy(dtype=float))
     keep = ~df["reacquire"].to_numpy(bool)
     exams = [r.group for r in records]
     out = {"n": int(len(df)), "n_reacquire": int((~keep).sum())}
+    fail = ~np.isfinite(err) | (err > 5.0)
+    if 0 < fail.sum() < len(fail):
+        from sklearn.metrics import roc_auc_score
+
+        out["n_failures"] = int(fail.sum())
+        out["auroc_failure"] = float(roc_auc_score(fail, -df["quality"].to_numpy(float)))
+    order = np.argsort(df["quality"].to_numpy(float), kind="stable")
+    out["error_coverage"] = {}
+    for share in (0.05, 0.10, 0.20):
+        kept = np.ones(len(df), bool)
+        kept[order[:int(round(share * len(df)))]] = False
+        out["error_coverage"][f"{share:.0%}"] = float(np.nanmean(err[kept]))
     for name, sel in (("all", np.ones_like(keep)), ("kept", keep), ("set_aside", ~keep)):
         e = err[sel]
         ok = np.isfinite(e)
@@ -147,7 +175,7 @@ def main(argv=None) -> int:
     subsets = {r: [it for it in items if it.name in roles[r]] for r in ("inner_val", "holdout")}
     print(f"held-out: {len(subsets['holdout'])} images of {len({i.exam for i in subsets['holdout']})} exams; "
           f"inner validation: {len(subsets['inner_val'])} images; training: {len(roles['train'])} images")
-    results = []
+    results, frames = [], {}
     for name, dirs, tta in variants:
         t0 = time.perf_counter()
         seg = HeadSegmenter.load([d / "model.pt" for d in dirs], "cpu", "onnx", tta=tta)
@@ -161,8 +189,10 @@ def main(argv=None) -> int:
             row[role], df = score(seg, subset, a.n_boot)
             if role == "holdout":
                 df.to_csv(a.out.with_name(f"biometry_ablation_{name}.csv"), index=False)
+                frames[name] = df
         if name in a.abstain:
-            row["abstention"] = abstain(seg, subsets["holdout"], a.n_boot, a.quality_model)
+            row["abstention"] = abstain(seg, subsets["holdout"], a.n_boot, a.quality_model,
+                                        a.out.with_name(f"biometry_ablation_{name}_quality.csv"))
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(row)
         h, v = row["holdout"], row["inner_val"]
@@ -175,7 +205,15 @@ def main(argv=None) -> int:
             ab = row["abstention"]
             print(f"{'':28s} quality rule sets aside {ab['n_reacquire']} of {ab['n']}: all "
                   f"{ab['all']['hc_abs_diff_mm']:.2f} mm, kept {ab['kept']['hc_abs_diff_mm']:.2f} mm, "
-                  f"set aside {ab['set_aside']['hc_abs_diff_mm']:.2f} mm", flush=True)
+                  f"set aside {ab['set_aside']['hc_abs_diff_mm']:.2f} mm; AUROC for failure "
+                  f"{ab.get('auroc_failure', float('nan')):.3f} ({ab.get('n_failures', 0)} failures); lowest "
+                  + ", ".join(f"{k} set aside: {v:.2f} mm" for k, v in ab["error_coverage"].items()), flush=True)
+    ref = results[0]["name"]
+    for row in results[1:]:
+        row["paired_vs_" + ref] = paired_difference(frames[row["name"]], frames[ref], a.n_boot)
+        d = row["paired_vs_" + ref]
+        print(f"{row['name']:28s} minus {ref}: held-out |HC diff| {d['mean_mm']:+.2f} mm "
+              f"(paired 95 % CI {d['ci95'][0]:+.2f} to {d['ci95'][1]:+.2f}; {d['n']} images measured by both)")
     best = min((r for r in results if r["inner_val"]), key=lambda r: r["inner_val"]["hc_abs_diff_mm"])
     print(f"chosen by inner validation: {best['name']} (held-out {best['holdout']['hc_abs_diff_mm']:.2f} mm; "
           f"goal <= 2.0 mm {'met' if best['holdout']['hc_abs_diff_mm'] <= 2.0 else 'MISSED'})")

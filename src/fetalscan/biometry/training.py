@@ -79,13 +79,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BiometryTrainConfig:
-    """Every knob of segmenter training; the CLI maps its flags 1:1 onto these fields."""
+    """Every knob of segmenter training; the CLI maps its flags 1:1 onto these fields.
 
-    encoder: str = "mobilenet_v2"
+    The defaults are the recipe chosen by inner-validation HC error in the ablation of
+    ``docs/biometry.md`` (``benchmarks/biometry_ablation.py``): the SonoNet-16 trunk with its
+    bundled in-domain weights as the U-Net encoder, at 128 x 192.
+    """
+
+    encoder: str = "sononet16"
     decoder_channels: str = "64,32,24,16,16"
     input_height: int = 128
     input_width: int = 192
-    pretrained: str = "none"
+    pretrained: str = "sononet"
     epochs: int = 25
     batch_size: int = 8
     lr: float = 2e-3
