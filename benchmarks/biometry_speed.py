@@ -41,11 +41,12 @@ def _images(manifest: Path, n: int):
 
 def _segmenter(model: Path | None, backend: str):
     from fetalscan.biometry.segmenter import HeadSegmenter
-    from fetalscan.models.segmenters import SegmenterConfig, build_segmenter
+    from fetalscan.biometry.training import BiometryTrainConfig
+    from fetalscan.models.segmenters import build_segmenter
 
     if model is not None and model.is_file():
         return HeadSegmenter.load(model, "cpu", backend)
-    cfg = SegmenterConfig()
+    cfg = BiometryTrainConfig().segmenter()  # the default recipe's architecture
     return HeadSegmenter(build_segmenter(cfg), cfg, {}, device="cpu", backend=backend)
 
 

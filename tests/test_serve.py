@@ -487,7 +487,7 @@ def biometry_app(tiny_classifier, tmp_path_factory):
     h, w = cfg.input_height, cfg.input_width
     yy, xx = np.mgrid[:h, :w]
     inside = ((xx - w / 2) / (w * 0.3)) ** 2 + ((yy - h / 2) / (h * 0.3)) ** 2 < 1
-    segmenter.logits = lambda batch: np.where(inside, 8.0, -8.0).astype(np.float32)[None].repeat(len(batch), 0)
+    segmenter.logits = lambda batch, tta=None: np.where(inside, 8.0, -8.0).astype(np.float32)[None].repeat(len(batch), 0)
     return app
 
 

@@ -185,7 +185,7 @@ def biometry_app(tiny_classifier, tmp_path_factory):
     def ellipse_at(fx: float, fy: float = 0.5) -> None:
         inside = ((xx - w * fx) / (w * 0.12)) ** 2 + ((yy - h * fy) / (h * 0.3)) ** 2 < 1
         logits = np.where(inside, 8.0, -8.0).astype(np.float32)
-        segmenter.logits = lambda batch: logits[None].repeat(len(batch), 0)
+        segmenter.logits = lambda batch, tta=None: logits[None].repeat(len(batch), 0)
 
     ellipse_at(0.5)
     app.state.ellipse_at = ellipse_at
