@@ -83,13 +83,13 @@ class BiometryTrainConfig:
 
     The defaults are the recipe chosen by inner-validation HC error in the ablation of
     ``docs/biometry.md`` (``benchmarks/biometry_ablation.py``): the SonoNet-16 trunk with its
-    bundled in-domain weights as the U-Net encoder, at 128 x 192.
+    bundled in-domain weights as the U-Net encoder, at 192 x 288.
     """
 
     encoder: str = "sononet16"
     decoder_channels: str = "64,32,24,16,16"
-    input_height: int = 128
-    input_width: int = 192
+    input_height: int = 192
+    input_width: int = 288
     pretrained: str = "sononet"
     epochs: int = 25
     batch_size: int = 8
