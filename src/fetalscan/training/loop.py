@@ -136,6 +136,23 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+def _batch(images: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, pre: Preprocessing, device: torch.device,
+           augment: Augment | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch ``idx``: images augmented (if any), normalised and on ``device``, with their labels."""
+    xb = images[idx].float()
+    if augment is not None:
+        xb = augment(xb)
+    return normalize(xb.to(device), pre), y[idx].to(device)
+
+
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """One optimiser and scheduler step on ``loss``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def train_one_epoch(
     model: nn.Module, images: torch.Tensor, y: torch.Tensor, pre: Preprocessing,
     optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module, device: torch.device,
@@ -149,17 +166,10 @@ def train_one_epoch(
         idx = order[start:start + batch_size]
         if len(idx) < 2 and len(order) > 1:  # batch norm cannot train on one sample
             continue
-        xb = images[idx].float()
-        if augment is not None:
-            xb = augment(xb)
-        xb = normalize(xb.to(device), pre)
-        yb = y[idx].to(device)
+        xb, yb = _batch(images, y, idx, pre, device, augment)
         with _autocast(device, amp):
             loss = loss_fn(model(xb).float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        _step(loss, optimizer, scheduler)
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
@@ -187,17 +197,10 @@ def _train_one_epoch_ddp(
             continue
         idx = distributed.rank_share(batch, ctx)
         denominator = float(weights[y[batch]].sum())  # every rank knows the whole global batch
-        xb = images[idx].float()
-        if augment is not None:
-            xb = augment(xb)
-        xb = normalize(xb.to(device), pre)
-        yb = y[idx].to(device)
+        xb, yb = _batch(images, y, idx, pre, device, augment)
         with _autocast(device, amp):
             part = ce(model(xb).float(), yb) / denominator
-        optimizer.zero_grad(set_to_none=True)
-        (part * ctx.world_size).backward()
-        optimizer.step()
-        scheduler.step()
+        _step(part * ctx.world_size, optimizer, scheduler)
         total += part.item() * len(batch)  # summed over ranks: the global batch's mean loss x its size
         seen += len(batch)
     return distributed.all_reduce_sum([total], device)[0] / max(seen, 1)
